@@ -1,0 +1,113 @@
+"""Atomic checkpoints and exact resume.
+
+A checkpoint is a folder `checkpoints/step-NNNNNNNN/` holding:
+  trainable.safetensors  every trainable parameter (full model for full FT, adapter for LoRA)
+  optimizer.pt           optimizer state (loaded with weights_only=True: no code runs)
+  rng.safetensors        torch RNG states
+  state.json             step, budget consumed, schedule progress, data position — written last
+
+It is written into a temporary folder, fsynced, then renamed into place, so a kill at any
+moment leaves either the previous checkpoint or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import BudgetuneError
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"torch_cuda_{i}"] = s
+    return state
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, state: dict, keep: int = 2) -> Path:
+    """Write checkpoint `step` atomically under root; prune to the newest `keep`."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(rng_state(), str(tmp / "rng.safetensors"))
+        state = dict(state, step=step, python_random=list(random.getstate()[1]))
+        (tmp / "state.json").write_text(json.dumps(state))
+        for f in tmp.iterdir():
+            _fsync_file(f)
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders are ignored)."""
+    if not root.exists():
+        return []
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "state.json").exists()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def load_checkpoint(path: Path, model, optimizer) -> dict:
+    """Restore parameters, optimizer and RNG from `path`; return its state dict."""
+    params = load_file(str(path / "trainable.safetensors"))
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(named):
+        missing, extra = sorted(set(named) - set(params)), sorted(set(params) - set(named))
+        raise BudgetuneError(
+            f"checkpoint {path} does not match this model/method (missing {missing[:3]}, unexpected {extra[:3]}); "
+            "resume with the run's own config"
+        )
+    with torch.no_grad():
+        for name, p in named.items():
+            p.copy_(params[name].to(p.device, p.dtype))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng["torch_cpu"])
+    if torch.cuda.is_available():
+        states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+    state = json.loads((path / "state.json").read_text())
+    random.setstate((3, tuple(state["python_random"]), None))
+    return state

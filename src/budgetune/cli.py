@@ -1,0 +1,98 @@
+"""The `budgetune` command. Thin: parse arguments, call the Python API, print."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import BudgetuneError
+
+USAGE = """budgetune <command> ...
+
+  train CONFIG [--resume] [--overwrite] [--section.key value ...]   train within the budget
+  demo [--section.key value ...]                                    tiny Llama on the stdlib, offline
+  eval RUN_DIR [--data PATH ...] [--prompt TEXT ...]                held-out loss, perplexity, samples
+  export RUN_DIR [--merge] [--out DIR] [--overwrite]                peft adapter or merged HF model
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="budgetune", usage=USAGE, description="Train the best causal LM your budget allows.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train within the budget")
+    p.add_argument("config", help="YAML config file (or a built-in name: demo)")
+    p.add_argument("--resume", action="store_true", help="continue the run in output.dir from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in output.dir")
+    p.add_argument("--quiet", action="store_true")
+    p = sub.add_parser("demo", help="the embedded default, no downloads")
+    p.add_argument("--quiet", action="store_true")
+    p = sub.add_parser("eval", help="evaluate a finished run")
+    p.add_argument("run_dir")
+    p.add_argument("--data", action="append", help="held-out data to score (default: the run's own split)")
+    p.add_argument("--prompt", action="append", help="prompt to continue (default: eval.prompts of the run)")
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p = sub.add_parser("export", help="export an adapter or a merged model")
+    p.add_argument("run_dir")
+    p.add_argument("--merge", action="store_true", help="fold the adapter into the base weights")
+    p.add_argument("--out", help="target folder (default RUN_DIR/export/<kind>)")
+    p.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bar is the one the user reads; silence the libraries' tqdm bars."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # transformers is a dependency; keep the CLI's error path importable regardless
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    _quiet_libraries()
+    args, rest = _parser().parse_known_args(argv)
+    try:
+        if rest and args.command not in ("train", "demo"):
+            raise BudgetuneError(f"unexpected arguments: {' '.join(rest)}")
+        if args.command == "train":
+            from .train import train
+
+            train(args.config, rest, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+        elif args.command == "demo":
+            from .demo import demo
+
+            demo(rest, quiet=args.quiet)
+        elif args.command == "eval":
+            from .evaluate import evaluate
+
+            result = evaluate(args.run_dir, data=args.data, prompts=args.prompt, max_tokens=args.max_tokens)
+            if args.json:
+                print(json.dumps(result, indent=2))
+            else:
+                print(f"eval loss {result['eval_loss']:.4f}  perplexity {result['perplexity']:.2f}  ({result['eval_tokens']} tokens)")
+                for s in result["samples"]:
+                    print(f"--- {s['prompt']!r}\n{s['prompt']}{s['completion']}")
+        elif args.command == "export":
+            from .export import export
+
+            print(export(args.run_dir, merge=args.merge, out=args.out, overwrite=args.overwrite))
+    except BudgetuneError as e:
+        print(f"budgetune: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("budgetune: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,424 @@
+"""Typed run config: dataclasses, YAML + command-line merge, validation that names the key.
+
+A config is one YAML file; every key can be overridden on the command line with
+`--section.key value` (the value is parsed as YAML: `--budget.time 90s`, `--method.r 8`).
+Unknown keys and wrong types fail before any work, naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import sys
+import sysconfig
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+from .units import parse_count, parse_duration
+
+Interval = typing.Union[float, str, None]  # fraction of the budget (0 < x ≤ 1) or a duration ("5m")
+
+
+@dataclass
+class ModelConfig:
+    name: str | None = None  # Hugging Face hub id or local folder
+    init: Literal["pretrained", "scratch"] = "pretrained"
+    preset: str | None = None  # scratch only: a named tiny architecture (see models.PRESETS)
+    arch: dict = field(default_factory=dict)  # scratch only: config kwargs over the preset / model.name config
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class TokenizerConfig:
+    name: str | None = None  # hub id / folder; defaults to model.name
+    train_vocab_size: int = 0  # > 0: train a byte-level BPE tokenizer on the training data (cached)
+    chat_template: str | None = None  # Jinja template; default one is used when the tokenizer has none
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)  # files, folders or globs; `{stdlib}` expands
+    eval: list[str] = field(default_factory=list)  # held-out data; default: a split of train
+    format: Literal["auto", "text", "prompt_completion", "chat"] = "auto"
+    seq_len: int = 1024
+    pack: bool = True  # padding-free packing (METHODS.md §5)
+    eval_fraction: float = 0.05
+    max_files: int = 0  # 0 = all files of a folder
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"
+    cache_dir: str | None = None  # tokenisation cache; default ~/.cache/budgetune
+
+
+@dataclass
+class MethodOptions:
+    """Base of every method's options; each method module subclasses it (see methods/)."""
+
+    name: str = "full"
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 = off
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"
+    warmup: float = 0.02  # fraction of the budget
+    min_ratio: float = 0.0
+    decay: float = 0.2  # WSD: fraction of the budget spent annealing
+    decay_shape: Literal["linear", "sqrt", "exp"] = "linear"
+
+
+@dataclass
+class BudgetConfig:
+    time: str | float | None = None  # "90s", "10m", "2h" or seconds; the whole train command after model load
+    tokens: str | int | None = None  # training tokens (non-padding), e.g. 5M
+    steps: int | None = None  # optimizer steps
+    flops: str | float | None = None  # training FLOPs, e.g. 1e15
+    reserve: str | float | None = None  # seconds kept for the final eval + save; default: measured
+
+
+@dataclass
+class TrainConfig:
+    micro_batch: int = 8
+    grad_accum: int = 1
+    seed: int = 0
+    deterministic: bool = False
+
+
+@dataclass
+class EvalConfig:
+    every: Interval = 0.25  # fraction of the budget, or a duration; null = only at start and end
+    max_tokens: int = 65536  # cap on held-out tokens per evaluation
+    prompts: list[str] = field(default_factory=list)  # generation samples at the end
+    sample_tokens: int = 48
+
+
+@dataclass
+class CheckpointConfig:
+    every: Interval = 0.5  # fraction of the budget, or a duration ("5m"); null = only at the end
+    keep: int = 2
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/run"
+    overwrite: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodOptions = field(default_factory=MethodOptions)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# Building a Config from plain dicts, with errors that name the key
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # a single path is a list of one
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                count = parse_count(value)
+            except ValueError:
+                pass
+            else:
+                if count.is_integer():
+                    return int(count)
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    raise TypeError(f"unsupported config type {tp} for {key}")  # a bug in our dataclasses
+
+
+def _build(cls, data: Any, prefix: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix}': expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            full = f"{prefix}.{key}" if prefix else str(key)
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+            raise ConfigError(f"unknown config key '{full}'{hint}")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        full = f"{prefix}.{name}" if prefix else name
+        if cls is Config and name == "method":
+            kwargs[name] = _build_method(data[name], full)
+        else:
+            kwargs[name] = _coerce(data[name], hints[name], full)
+    return cls(**kwargs)
+
+
+def _build_method(data: Any, key: str) -> MethodOptions:
+    from .methods import METHODS
+
+    if isinstance(data, str):
+        data = {"name": data}
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{key}': expected a mapping, got {data!r}")
+    name = data.get("name", "full")
+    if name not in METHODS:
+        raise ConfigError(f"config key '{key}.name': unknown method {name!r} (known: {', '.join(sorted(METHODS))})")
+    return _build(METHODS[name].Options, data, key)
+
+
+def _validate(cfg: Config) -> None:
+    from .optim import OPTIMIZERS
+    from .schedules import PROFILES
+
+    def positive(key: str, value, allow_zero=False):
+        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+            raise ConfigError(f"config key '{key}': must be {'≥ 0' if allow_zero else '> 0'}, got {value!r}")
+
+    b = cfg.budget
+    for key, parse in (("time", parse_duration), ("reserve", parse_duration), ("tokens", parse_count), ("flops", parse_count)):
+        raw = getattr(b, key)
+        if raw is not None:
+            try:
+                positive(f"budget.{key}", parse(raw), allow_zero=key == "reserve")
+            except ValueError as e:
+                raise ConfigError(f"config key 'budget.{key}': {e}") from None
+    positive("budget.steps", b.steps)
+    if all(getattr(b, k) is None for k in ("time", "tokens", "steps", "flops")):
+        raise ConfigError("no budget given: set at least one of budget.time, budget.tokens, budget.steps, budget.flops")
+    positive("data.seq_len", cfg.data.seq_len)
+    if cfg.data.seq_len < 2:
+        raise ConfigError("config key 'data.seq_len': must be at least 2")
+    if not 0 <= cfg.data.eval_fraction < 1:
+        raise ConfigError(f"config key 'data.eval_fraction': must be in [0, 1), got {cfg.data.eval_fraction}")
+    positive("train.micro_batch", cfg.train.micro_batch)
+    positive("train.grad_accum", cfg.train.grad_accum)
+    positive("optim.lr", cfg.optim.lr)
+    positive("optim.grad_clip", cfg.optim.grad_clip, allow_zero=True)
+    positive("eval.max_tokens", cfg.eval.max_tokens)
+    positive("checkpoint.keep", cfg.checkpoint.keep)
+    if not 0 <= cfg.schedule.warmup < 1:
+        raise ConfigError(f"config key 'schedule.warmup': must be in [0, 1), got {cfg.schedule.warmup}")
+    if not 0 < cfg.schedule.decay <= 1:
+        raise ConfigError(f"config key 'schedule.decay': must be in (0, 1], got {cfg.schedule.decay}")
+    if cfg.schedule.name not in PROFILES:
+        raise ConfigError(f"config key 'schedule.name': unknown schedule {cfg.schedule.name!r} (known: {', '.join(PROFILES)})")
+    if cfg.optim.name not in OPTIMIZERS:
+        raise ConfigError(f"config key 'optim.name': unknown optimizer {cfg.optim.name!r} (known: {', '.join(OPTIMIZERS)})")
+    for key in ("eval.every", "checkpoint.every"):
+        section, name = key.split(".")
+        try:
+            parse_interval(getattr(getattr(cfg, section), name))
+        except ValueError as e:
+            raise ConfigError(f"config key '{key}': {e}") from None
+    if cfg.model.init == "pretrained" and not cfg.model.name:
+        raise ConfigError("config key 'model.name': required unless model.init is 'scratch' (a hub id or a local folder)")
+    if cfg.model.init == "scratch" and not (cfg.model.preset or cfg.model.name or cfg.model.arch):
+        raise ConfigError("model.init is 'scratch' but none of model.preset, model.name, model.arch says which architecture")
+    if not cfg.data.train:
+        raise ConfigError("config key 'data.train': required (files, folders or globs of training data)")
+
+
+def parse_interval(value: Interval) -> tuple[str, float] | None:
+    """`0.25` → ('progress', 0.25); `'5m'` → ('seconds', 300); None/0 → None."""
+    if value is None or value == 0:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not 0 < value <= 1:
+            raise ValueError(f"a number must be a fraction of the budget in (0, 1], got {value} (or give a duration like '5m')")
+        return ("progress", float(value))
+    return ("seconds", parse_duration(value))
+
+
+def expand_path(path: str) -> str:
+    """`{stdlib}` → the Python standard library's folder; `~` → home."""
+    return os.path.expanduser(path.replace("{stdlib}", sysconfig.get_paths()["stdlib"]))
+
+
+def builtin_config(name: str) -> Path | None:
+    path = Path(__file__).parent / "configs" / f"{name}.yaml"
+    return path if path.exists() else None
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """['--budget.time', '90s', '--method.name=lora'] → {'budget': {'time': '90s'}, 'method': {'name': 'lora'}}."""
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --section.key value")
+        if "=" in arg:
+            key, raw = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override {arg!r} has no value")
+            key, raw = arg[2:], args[i + 1]
+            i += 2
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override --{key}: '{part}' is not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "arch":
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        found = builtin_config(str(path))
+        if found is None:
+            raise ConfigError(f"config file {path} does not exist")
+        path = found
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (expected a YAML config)") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, budget:, ...)")
+    return data
+
+
+def load_config(source: str | Path | dict | Config | None = None, overrides: dict | list[str] | None = None) -> Config:
+    """A validated Config from a YAML path (or built-in name), a dict or a Config, plus overrides."""
+    if isinstance(source, Config):
+        data = source.to_dict()
+    elif isinstance(source, dict):
+        data = source
+    elif source is None:
+        data = {}
+    else:
+        data = read_yaml(source)
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    data = merge(data, overrides or {})
+    cfg = _build(Config, data, "")
+    _validate(cfg)
+    return cfg
+
+
+def dump_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+if __name__ == "__main__":  # pragma: no cover - debugging aid
+    print(load_config(sys.argv[1], sys.argv[2:]))

@@ -1,0 +1,101 @@
+"""Held-out loss, perplexity and generation samples, during a run and for a finished one."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .data import IGNORE, Rows
+
+
+def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token cross-entropy over labelled targets, number of targets)."""
+    labels = batch.pop("labels")
+    logits = model(**batch, use_cache=False).logits
+    targets = labels[:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss, (targets != IGNORE).sum()
+
+
+@torch.no_grad()
+def heldout_loss(model, rows: Rows | None, micro_batch: int, max_tokens: int, device, world_size: int = 1, rank: int = 0, reduce=None) -> float:
+    """Mean next-token loss over (the first max_tokens of) the held-out rows."""
+    if rows is None or len(rows) == 0:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    n_rows = min(len(rows), max(1, max_tokens // rows.input_ids.shape[1]))
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    mine = list(range(rank, n_rows, world_size))
+    for start in range(0, len(mine), micro_batch):
+        batch = {k: v.to(device) for k, v in rows.batch(mine[start : start + micro_batch]).items()}
+        loss, count = token_losses(model, batch)
+        total += torch.stack([loss.double(), count.double()])
+    if reduce is not None:
+        total = reduce(total)
+    model.train(was_training)
+    return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+
+
+@torch.no_grad()
+def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int, device) -> list[str]:
+    """Greedy continuations of each prompt (deterministic, so runs can be compared)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for prompt in prompts:
+        enc = tokenizer(prompt, return_tensors="pt").to(device)
+        ids = model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
+        )
+        out.append(tokenizer.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+    model.train(was_training)
+    return out
+
+
+def load_trained(run_dir: str | Path, device: str | torch.device = "cpu"):
+    """(model, tokenizer, config) of a finished run, as plain transformers/peft objects."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .config import load_config
+    from .methods import get_method
+    from .rundir import RunDir
+
+    run = RunDir(Path(run_dir))
+    run.require_model()
+    cfg = load_config(run.config)
+    tokenizer = AutoTokenizer.from_pretrained(str(run.model))
+    method = get_method(cfg.method.name)
+    if method.adapter:
+        from peft import PeftModel
+
+        base_path = str(run.base) if run.base.exists() else cfg.model.name
+        base = AutoModelForCausalLM.from_pretrained(base_path, use_safetensors=True, trust_remote_code=cfg.model.trust_remote_code)
+        model = PeftModel.from_pretrained(base, str(run.model))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(run.model), use_safetensors=True, trust_remote_code=cfg.model.trust_remote_code)
+    return model.to(device), tokenizer, cfg
+
+
+def evaluate(run_dir: str | Path, data: list[str] | None = None, prompts: list[str] | None = None, max_tokens: int | None = None, log=print) -> dict:
+    """Held-out loss/perplexity of a finished run on its own eval split (or on `data`), plus samples."""
+    from .data import prepare_data
+    from .config import merge, load_config
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer, cfg = load_trained(run_dir, device)
+    if data:
+        cfg = load_config(merge(cfg.to_dict(), {"data": {"eval": list(data)}}))
+    bundle = prepare_data(cfg, tokenizer, seed=cfg.train.seed, log=log)
+    loss = heldout_loss(model, bundle.eval, cfg.train.micro_batch, max_tokens or cfg.eval.max_tokens, device)
+    prompts = prompts if prompts is not None else cfg.eval.prompts
+    samples = generate_samples(model, tokenizer, prompts, cfg.eval.sample_tokens, device) if prompts else []
+    return {
+        "eval_loss": loss,
+        "perplexity": math.exp(loss) if loss == loss and loss < 50 else float("inf"),
+        "eval_tokens": int(bundle.eval.real_tokens.sum()) if bundle.eval is not None else 0,
+        "samples": [{"prompt": p, "completion": s} for p, s in zip(prompts, samples)],
+    }

@@ -1,0 +1,50 @@
+"""Training methods behind one small interface, found by name in METHODS.
+
+A method decides which parameters train and how the result is saved:
+
+    class MyMethod(Method):
+        name = "my-method"
+        Options = MyOptions            # dataclass of its config keys (subclass of MethodOptions)
+        def prepare(self, model, opts) -> model
+
+Adding a method is adding a module that calls `register(MyMethod)` and importing it below.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import MethodOptions
+
+
+class Method:
+    name: str = ""
+    Options: type = MethodOptions
+    adapter: bool = False  # True: the output is an adapter over a frozen base (peft format)
+
+    def prepare(self, model, opts):
+        """Freeze/wrap the model for training; return the model to train."""
+        raise NotImplementedError
+
+    def save_pretrained(self, model, path: Path) -> None:
+        """Write the trained result in Hugging Face format (full model or peft adapter)."""
+        model.save_pretrained(str(path), safe_serialization=True)
+
+    def merged(self, model):
+        """A plain transformers model with the trained change folded in."""
+        return model
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method_cls: type[Method]) -> type[Method]:
+    METHODS[method_cls.name] = method_cls()
+    return method_cls
+
+
+def get_method(name: str) -> Method:
+    return METHODS[name]
+
+
+from . import full, lora  # noqa: E402,F401  (registration)

@@ -1,0 +1,179 @@
+"""Tokenizers and models: from the hub, a local folder, or a config (training from scratch)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError
+
+# Tiny architectures for training from scratch on small budgets (vocab comes from the tokenizer).
+PRESETS: dict[str, dict] = {
+    # ~1M parameters: unit tests
+    "llama-test": dict(model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    # ~2.6M parameters with a 2k vocabulary: the demo (≈7k tokens/s on 2 CPU cores)
+    "llama-tiny": dict(model_type="llama", hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4),
+    # ~25M non-embedding parameters
+    "llama-small": dict(model_type="llama", hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8),
+    "qwen2-test": dict(model_type="qwen2", hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "gpt-neox-test": dict(model_type="gpt_neox", hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),
+}
+
+TOKENIZER_TRAIN_BYTES = 8_000_000  # enough text for a good small BPE; keeps training to seconds
+
+
+def load_tokenizer(cfg, log=print):
+    """The run's tokenizer: named, taken from the model, or trained on the training data."""
+    from transformers import AutoTokenizer
+
+    from .data.formats import DEFAULT_CHAT_TEMPLATE
+
+    tcfg = cfg.tokenizer
+    if tcfg.train_vocab_size > 0:
+        tokenizer = train_tokenizer(cfg, log=log)
+    else:
+        name = tcfg.name or cfg.model.name
+        if not name:
+            raise ConfigError("no tokenizer: set tokenizer.name (or model.name), or tokenizer.train_vocab_size to train one on the data")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code)
+        except OSError as e:
+            raise ConfigError(f"tokenizer {name!r} could not be loaded: {e}") from None
+    if tcfg.chat_template:
+        tokenizer.chat_template = tcfg.chat_template
+    elif not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def train_tokenizer(cfg, log=print):
+    """A byte-level BPE tokenizer trained on (a prefix of) the training data, cached by content."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from .data import iter_texts
+    from .data.sources import resolve
+    from .data.tokenize import default_cache_dir
+
+    files = resolve(cfg.data.train, cfg.data.max_files)
+    h = hashlib.sha256(f"bpe-v1|{cfg.tokenizer.train_vocab_size}".encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    folder = Path(cfg.data.cache_dir or default_cache_dir()) / "tokenizers" / h.hexdigest()[:20]
+    if (folder / "tokenizer.json").exists():
+        log(f"tokenizer from cache: {folder}")
+        return PreTrainedTokenizerFast.from_pretrained(str(folder))
+    log(f"training a byte-level BPE tokenizer (vocab {cfg.tokenizer.train_vocab_size}) on the training data ...")
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.tokenizer.train_vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(iter_texts(cfg, TOKENIZER_TRAIN_BYTES), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.add_special_tokens({"additional_special_tokens": specials[1:]})
+    tmp = folder.with_name(folder.name + ".tmp")
+    fast.save_pretrained(str(tmp))
+    tmp.replace(folder)
+    return PreTrainedTokenizerFast.from_pretrained(str(folder))
+
+
+def model_config(cfg, tokenizer):
+    """The transformers config of the model to train (for scratch: preset/name + arch overrides)."""
+    from transformers import AutoConfig, CONFIG_MAPPING
+
+    mcfg = cfg.model
+    if mcfg.init == "pretrained":
+        return AutoConfig.from_pretrained(mcfg.name, trust_remote_code=mcfg.trust_remote_code)
+    if mcfg.preset:
+        if mcfg.preset not in PRESETS:
+            raise ConfigError(f"config key 'model.preset': unknown preset {mcfg.preset!r} (known: {', '.join(PRESETS)})")
+        kwargs = dict(PRESETS[mcfg.preset])
+        kwargs.update(mcfg.arch)
+        model_type = kwargs.pop("model_type")
+        base = CONFIG_MAPPING[model_type]()
+    elif mcfg.name:
+        base = AutoConfig.from_pretrained(mcfg.name, trust_remote_code=mcfg.trust_remote_code)
+        kwargs = dict(mcfg.arch)
+    else:
+        kwargs = dict(mcfg.arch)
+        model_type = kwargs.pop("model_type", "llama")
+        if model_type not in CONFIG_MAPPING:
+            raise ConfigError(f"config key 'model.arch.model_type': unknown architecture {model_type!r}")
+        base = CONFIG_MAPPING[model_type]()
+    kwargs.setdefault("vocab_size", len(tokenizer))
+    kwargs.setdefault("max_position_embeddings", max(2048, cfg.data.seq_len))
+    kwargs.setdefault("bos_token_id", tokenizer.bos_token_id)
+    kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
+    kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    for key, value in kwargs.items():
+        if key != "model_type" and not hasattr(base, key) and key not in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            raise ConfigError(f"config key 'model.arch.{key}': not a field of {type(base).__name__}")
+        setattr(base, key, value)
+    return base
+
+
+def weights_dtype(cfg, device: torch.device, frozen_base: bool) -> torch.dtype:
+    """fp32 master weights unless asked otherwise; a frozen base is stored in bf16 on a GPU."""
+    name = cfg.model.dtype
+    if name == "auto":
+        if device.type == "cuda" and frozen_base and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def load_model(cfg, tokenizer, device: torch.device, frozen_base: bool = False):
+    """The model: pretrained weights (safetensors only) or a seeded random init from a config."""
+    from transformers import AutoModelForCausalLM
+
+    mcfg = cfg.model
+    config = model_config(cfg, tokenizer)
+    dtype = weights_dtype(cfg, device, frozen_base)
+    if mcfg.init == "pretrained":
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                mcfg.name,
+                config=config,
+                dtype=dtype,
+                trust_remote_code=mcfg.trust_remote_code,
+                use_safetensors=True,  # never unpickle weights
+                attn_implementation=mcfg.attn_implementation,
+            )
+        except OSError as e:
+            raise ConfigError(f"model {mcfg.name!r} could not be loaded: {e}") from None
+    else:
+        torch.manual_seed(cfg.train.seed)
+        config._attn_implementation = mcfg.attn_implementation
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=mcfg.trust_remote_code)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared tensors counted once."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def describe_architecture(config) -> str:
+    return json.dumps({k: getattr(config, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")})

@@ -1,0 +1,258 @@
+"""The training loop: plan → model, data, method, optimizer → train within the budget → eval → save.
+
+`train()` reads top to bottom; everything it calls is a small module of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .budget import Budget, BudgetClock
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .config import Config, dump_config, load_config, parse_interval
+from .console import TrainProgress, say
+from .data import prepare_data
+from .data.sampler import RowSampler
+from .evaluate import heldout_loss, token_losses
+from .methods import get_method
+from .metrics import MetricsLog, peak_memory_bytes
+from .models import count_parameters, load_model, load_tokenizer
+from .optim import build_optimizer
+from .plan import flops_per_token, matmul_parameters
+from .rundir import RunDir
+from .schedules import lr_multiplier
+from .units import format_count, format_duration
+
+
+class Every:
+    """A periodic trigger measured in budget progress or in seconds."""
+
+    def __init__(self, interval, start_p: float = 0.0, start_s: float = 0.0):
+        self.kind, self.value = parse_interval(interval) or (None, 0.0)
+        self.last = start_p if self.kind == "progress" else start_s
+
+    def due(self, p: float, elapsed: float) -> bool:
+        now = p if self.kind == "progress" else elapsed
+        if self.kind is None or now - self.last < self.value - 1e-9:
+            return False
+        self.last = now
+        return True
+
+
+def _accelerator(cfg: Config):
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available()
+    precision = "bf16" if cuda and torch.cuda.is_bf16_supported() and cfg.model.dtype in ("auto", "bfloat16") else "no"
+    return Accelerator(mixed_precision=precision, cpu=not cuda)
+
+
+def _save_final(run: RunDir, method, model, tokenizer) -> None:
+    """The trained result in Hugging Face format, written beside and renamed into place."""
+    tmp = run.path / ".tmp-model"
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    method.save_pretrained(model, tmp)
+    tokenizer.save_pretrained(str(tmp))
+    if run.model.exists():
+        import shutil
+
+        shutil.rmtree(run.model)
+    os.replace(tmp, run.model)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def train(config: str | Path | dict | Config | None = None, overrides=None, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> dict:
+    """Train within the budget; return the run summary (also written to RUN_DIR/summary.json)."""
+    cfg = load_config(config, overrides)
+    run = RunDir(Path(cfg.output.dir))
+    accelerator = _accelerator(cfg)
+    main, world, rank, device = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index, accelerator.device
+    show = main and not quiet
+    log = (lambda m: say(m)) if show else (lambda m: None)
+    run.check(resume, overwrite)
+    if main:
+        run.prepare(resume, overwrite)
+    accelerator.wait_for_everyone()
+
+    # --- model, method, optimizer ----------------------------------------------------------
+    torch.manual_seed(cfg.train.seed)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    with accelerator.main_process_first():
+        tokenizer = load_tokenizer(cfg, log=log)
+    method = get_method(cfg.method.name)
+    model = load_model(cfg, tokenizer, device, frozen_base=method.adapter)
+    if method.adapter and cfg.model.init == "scratch" and main and not resume:
+        model.save_pretrained(str(run.base))  # the adapter's base must be reloadable
+    model = method.prepare(model, cfg.method)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable, total = count_parameters(model)
+    n_matmul, n_matmul_trainable = matmul_parameters(model)
+    fpt = flops_per_token(model.config, cfg.data.seq_len, n_matmul, n_matmul_trainable)
+    optimizer = build_optimizer(model, cfg.optim)
+    log(f"model: {format_count(total)} parameters, {format_count(trainable)} trainable ({cfg.method.name}); device {device}, {world} process(es)")
+
+    # --- the budget clock starts here: data preparation counts against it -------------------
+    clock = BudgetClock(Budget.from_config(cfg.budget), fpt)
+    with accelerator.main_process_first():
+        data = prepare_data(cfg, tokenizer, seed=cfg.train.seed, log=log)
+    log(f"data: {data.train_examples} {data.format} examples → {len(data.train)} rows of {cfg.data.seq_len} "
+        f"({data.summary()['train_tokens']} tokens, padding {100 * data.train.padding_fraction:.1f}%), "
+        f"{data.eval_examples} held out")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+    sampler = RowSampler(len(data.train), cfg.train.micro_batch, cfg.train.seed, world, rank)
+    state: dict = {}
+    if resume and list_checkpoints(run.checkpoints):
+        latest = list_checkpoints(run.checkpoints)[-1]
+        state = load_checkpoint(latest, raw_model, optimizer)
+        clock.load_state_dict(state["clock"])
+        sampler.position = state["data_position"]
+        log(f"resumed from {latest} (step {clock.steps}, {format_duration(clock.elapsed())} of budget used)")
+    elif main:
+        dump_config(cfg, run.config)
+
+    def reduce_sum(t: torch.Tensor) -> torch.Tensor:
+        return accelerator.reduce(t, "sum") if world > 1 else t
+
+    def eval_loss() -> float:
+        return heldout_loss(model, data.eval, cfg.train.micro_batch, cfg.eval.max_tokens, device, world, rank, reduce_sum)
+
+    # an eval at the start gives the "before" loss and measures what the final eval will cost
+    t = time.monotonic()
+    measured_before = eval_loss()
+    loss_before = state.get("eval_loss_before", measured_before)
+    eval_cost = time.monotonic() - t
+    bytes_to_save = 4 * (3 * trainable + total)  # trainable + Adam moments + final model, fp32
+    save_rate = 200e6  # bytes/s until a checkpoint has been timed
+    clock.set_reserve(1.1 * eval_cost + bytes_to_save / save_rate + 1.0)
+
+    def checkpoint(step: int) -> None:
+        nonlocal save_rate
+        t = time.monotonic()
+        if main:
+            save_checkpoint(run.checkpoints, step, raw_model, optimizer, {
+                "clock": clock.state_dict(), "data_position": sampler.position, "eval_loss_before": loss_before,
+            }, keep=cfg.checkpoint.keep)
+        accelerator.wait_for_everyone()
+        save_rate = 4 * (3 * trainable) / max(1e-3, time.monotonic() - t)
+        clock.set_reserve(1.1 * eval_cost + bytes_to_save / save_rate + 1.0)
+
+    metrics = MetricsLog(run.metrics if main else None)
+    eval_every = Every(cfg.eval.every, clock.progress(), clock.elapsed())
+    ckpt_every = Every(cfg.checkpoint.every, clock.progress(), clock.elapsed())
+    accum, lr, loss_value, tokens_per_s = cfg.train.grad_accum, 0.0, float("nan"), 0.0
+    stopping = torch.zeros(1, device=device)
+    model.train()
+    log(f"budget: {clock.budget.describe()} (reserve {clock.reserve_s:.1f}s for final eval + save); eval loss before {loss_before:.4f}")
+
+    # --- the loop -------------------------------------------------------------------------
+    with TrainProgress(enabled=show) as bar:
+        while True:
+            stopping.fill_(float(clock.should_stop()))
+            if world > 1:
+                stopping = accelerator.reduce(stopping, "max")  # every process stops at the same step
+            if stopping.item():
+                break
+            t0 = time.monotonic()
+            rows = [sampler.next() for _ in range(accum)]
+            batches = [data.train.batch(r) for r in rows]
+            counts = torch.tensor([
+                float(sum((b["labels"][:, 1:] != -100).sum() for b in batches)),
+                float(sum(data.train.real_tokens[r].sum() for r in rows)),
+            ], device=device)
+            targets, step_tokens = reduce_sum(counts).tolist()
+            loss_sum = torch.zeros((), device=device)
+            for i, batch in enumerate(batches):
+                sync = contextlib.nullcontext() if i == accum - 1 else accelerator.no_sync(model)
+                with sync:
+                    loss, _ = token_losses(model, {k: v.to(device) for k, v in batch.items()})
+                    # sum over tokens / tokens in the whole step: exact mean under accumulation and
+                    # data parallelism (DDP averages over processes, hence × world)
+                    accelerator.backward(loss * world / max(targets, 1.0))
+                loss_sum += loss.detach()
+            clock.record_step(step_tokens, time.monotonic() - t0)
+            p = clock.progress()
+            lr = cfg.optim.lr * lr_multiplier(p, cfg.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else None
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            loss_value = reduce_sum(loss_sum).item() / max(targets, 1.0)
+            seconds = time.monotonic() - t0
+            tokens_per_s = step_tokens / max(seconds, 1e-9)
+            metrics.write(step=clock.steps, tokens=clock.tokens, seconds=round(clock.elapsed(), 3), progress=round(p, 5),
+                          loss=loss_value, lr=lr, tokens_per_s=round(tokens_per_s, 1),
+                          grad_norm=float(grad_norm) if grad_norm is not None else None,
+                          memory_mb=round(peak_memory_bytes(device) / 2**20, 1), epoch=round(sampler.epoch, 4))
+            bar.update(p, clock.steps, loss_value, lr, tokens_per_s, clock.time_left(), clock.governing())
+
+            time_left_for_extras = (clock.time_left() or math.inf) - clock.reserve_s
+            if eval_every.due(p, clock.elapsed()) and p < 1.0 and time_left_for_extras > 2 * eval_cost:
+                t = time.monotonic()
+                eval_value = eval_loss()
+                eval_cost = time.monotonic() - t
+                metrics.write(event="eval", step=clock.steps, tokens=clock.tokens, seconds=round(clock.elapsed(), 3), eval_loss=eval_value)
+                bar.log(f"step {clock.steps}: eval loss {eval_value:.4f}")
+            if ckpt_every.due(p, clock.elapsed()) and p < 1.0 and time_left_for_extras > 2 * bytes_to_save / save_rate:
+                checkpoint(clock.steps)
+
+    # --- final eval and save: inside the budget, paid for by the reserve ------------------------
+    loss_after = eval_loss()
+    metrics.write(event="eval", step=clock.steps, tokens=clock.tokens, seconds=round(clock.elapsed(), 3), eval_loss=loss_after)
+    checkpoint(clock.steps)
+    if main:
+        _save_final(run, method, raw_model, tokenizer)
+    elapsed = clock.elapsed()
+    budget_s = clock.budget.time_s
+    summary = {
+        "run_dir": str(run.path),
+        "method": cfg.method.name,
+        "budget": {k: v for k, v in vars(clock.budget).items() if v is not None},
+        "governing_budget": clock.governing(),
+        "steps": clock.steps,
+        "tokens": clock.tokens,
+        "flops": clock.tokens * fpt,
+        "flops_per_token": fpt,
+        "elapsed_s": round(elapsed, 3),
+        "overshoot_s": round(elapsed - budget_s, 3) if budget_s is not None else None,
+        "tokens_per_s": round(clock.tokens / max(1e-9, elapsed), 1),
+        "train_tokens_per_s_last": round(tokens_per_s, 1),
+        "eval_loss_before": loss_before,
+        "eval_loss_after": loss_after,
+        "uniform_loss": math.log(len(tokenizer)),
+        "final_train_loss": loss_value,
+        "final_lr": lr,
+        "parameters": total,
+        "trainable_parameters": trainable,
+        "peak_memory_mb": round(peak_memory_bytes(device) / 2**20, 1),
+        "epochs": round(sampler.epoch, 4),
+        "world_size": world,
+        "data": data.summary(),
+    }
+    metrics.close()
+    if main:
+        _write_json(run.summary, summary)
+        log(f"done in {format_duration(elapsed)}"
+            + (f" (budget {format_duration(budget_s)}, overshoot {summary['overshoot_s']:+.2f}s)" if budget_s else "")
+            + f": {clock.steps} steps, {format_count(clock.tokens)} tokens, eval loss {loss_before:.4f} → {loss_after:.4f}; run folder {run.path}")
+    accelerator.wait_for_everyone()
+    return summary

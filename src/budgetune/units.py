@@ -1,0 +1,54 @@
+"""Parsing human quantities: durations (`90s`, `10m`, `2h`) and counts (`5M`, `1.5e9`)."""
+
+from __future__ import annotations
+
+import re
+
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*(ms|s|sec|m|min|h|hr|d)?\s*$", re.I)
+_SECONDS = {None: 1.0, "ms": 1e-3, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hr": 3600.0, "d": 86400.0}
+_COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*([kmgbt])?\s*$", re.I)
+_SCALE = {None: 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9, "t": 10**12}
+
+
+def parse_duration(value: str | float | int) -> float:
+    """Seconds from `90`, `90s`, `1.5m`, `2h`. Raises ValueError on anything else."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f"not a duration: {value!r} (use e.g. 90s, 10m, 2h)")
+    number, unit = match.groups()
+    return float(number) * _SECONDS[unit.lower() if unit else None]
+
+
+def parse_count(value: str | float | int) -> float:
+    """A count from `1000`, `5M`, `1.5e9`, `2B`. Raises ValueError on anything else."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a count: {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    match = _COUNT.match(str(value))
+    if not match:
+        raise ValueError(f"not a count: {value!r} (use e.g. 5M, 2e9)")
+    number, unit = match.groups()
+    return float(number) * _SCALE[unit.lower() if unit else None]
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, sec = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes}m{sec:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def format_count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
