@@ -99,29 +99,28 @@ def model_config(cfg, tokenizer):
     if mcfg.preset:
         if mcfg.preset not in PRESETS:
             raise ConfigError(f"config key 'model.preset': unknown preset {mcfg.preset!r} (known: {', '.join(PRESETS)})")
-        kwargs = dict(PRESETS[mcfg.preset])
-        kwargs.update(mcfg.arch)
-        model_type = kwargs.pop("model_type")
-        base = CONFIG_MAPPING[model_type]()
+        kwargs = {**PRESETS[mcfg.preset], **mcfg.arch}
     elif mcfg.name:
         base = AutoConfig.from_pretrained(mcfg.name, trust_remote_code=mcfg.trust_remote_code)
-        kwargs = dict(mcfg.arch)
+        kwargs = {**base.to_dict(), **mcfg.arch}
     else:
-        kwargs = dict(mcfg.arch)
-        model_type = kwargs.pop("model_type", "llama")
-        if model_type not in CONFIG_MAPPING:
-            raise ConfigError(f"config key 'model.arch.model_type': unknown architecture {model_type!r}")
-        base = CONFIG_MAPPING[model_type]()
+        kwargs = {"model_type": "llama", **mcfg.arch}
+    model_type = kwargs.pop("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise ConfigError(f"config key 'model.arch.model_type': unknown architecture {model_type!r}")
+    config_cls = CONFIG_MAPPING[model_type]
+    defaults = config_cls()
+    for key in mcfg.arch:
+        if key != "model_type" and not hasattr(defaults, key):
+            raise ConfigError(f"config key 'model.arch.{key}': not a field of {config_cls.__name__}")
     kwargs.setdefault("vocab_size", len(tokenizer))
     kwargs.setdefault("max_position_embeddings", max(2048, cfg.data.seq_len))
     kwargs.setdefault("bos_token_id", tokenizer.bos_token_id)
     kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
     kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-    for key, value in kwargs.items():
-        if key != "model_type" and not hasattr(base, key) and key not in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            raise ConfigError(f"config key 'model.arch.{key}': not a field of {type(base).__name__}")
-        setattr(base, key, value)
-    return base
+    # built from keyword arguments, not set on a default instance: derived fields such as
+    # head_dim must follow hidden_size
+    return config_cls(**kwargs)
 
 
 def weights_dtype(cfg, device: torch.device, frozen_base: bool) -> torch.dtype:

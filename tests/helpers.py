@@ -1,0 +1,55 @@
+"""Small corpora and configs for end-to-end tests: tiny models, seconds per run, no downloads."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+WORDS = ("the model learns budget tokens time memory loss rank adapter layer value python data "
+         "train eval save load plan step batch sequence packing schedule warmup decay").split()
+
+
+def write_text_corpus(folder: Path, n_files: int = 12, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n_files):
+        lines = []
+        for j in range(rng.randint(15, 40)):
+            name = rng.choice(WORDS)
+            lines.append(f"def {name}_{j}(x):\n    return x + {rng.randint(0, 9)}  # {' '.join(rng.choices(WORDS, k=5))}\n")
+        (folder / f"doc{i:02d}.py").write_text("\n".join(lines))
+    return folder
+
+
+def write_chat_jsonl(path: Path, n: int = 60, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            a, b = rng.randint(0, 50), rng.randint(0, 50)
+            messages = [
+                {"role": "system", "content": "You add numbers."},
+                {"role": "user", "content": f"What is {a} plus {b}? " + " ".join(rng.choices(WORDS, k=rng.randint(0, 12)))},
+                {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
+            ]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+def tiny_config(tmp: Path, data, **sections) -> dict:
+    """A config dict for a ~100k-parameter Llama trained from scratch on `data`."""
+    cfg = {
+        "model": {"init": "scratch", "preset": "llama-test"},
+        "tokenizer": {"train_vocab_size": 320},
+        "data": {"train": [str(data)], "seq_len": 64, "eval_fraction": 0.1, "cache_dir": str(tmp / "cache")},
+        "optim": {"lr": 3e-3},
+        "schedule": {"name": "cosine", "warmup": 0.1},
+        "budget": {"steps": 12},
+        "train": {"micro_batch": 4, "seed": 0, "deterministic": True},
+        "eval": {"every": None, "max_tokens": 2048},
+        "checkpoint": {"every": None},
+        "output": {"dir": str(tmp / "run")},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
