@@ -274,16 +274,17 @@ def test_state_dict_carries_elapsed_time_across_resume():
     assert resumed.time_left() == pytest.approx(60.0)
 
 
-def test_resumed_progress_never_below_saved_max():
-    budget = Budget(time_s=100.0)
-    first, clock1 = make(budget)
-    first.set_reserve(50.0)
-    clock1.advance(40)
+def test_resume_with_larger_budget_measures_against_it():
+    """A resumed run may carry a larger budget (continue a WSD run from its stable phase):
+    progress is recomputed against the new budget, not pinned to the saved maximum."""
+    first, clock1 = make(Budget(time_s=100.0, reserve_s=0.0))
+    clock1.advance(80)
     assert first.progress() == pytest.approx(0.8)
     state = first.state_dict()
-    resumed = BudgetClock(budget, clock=FakeClock(0.0))
-    resumed.load_state_dict(state)  # reserve back to 0: raw fraction is 0.4
-    assert resumed.progress() == pytest.approx(0.8)
+    resumed = BudgetClock(Budget(time_s=400.0, reserve_s=0.0), clock=FakeClock(0.0))
+    resumed.load_state_dict(state)
+    assert resumed.elapsed() == pytest.approx(80.0)
+    assert resumed.progress() == pytest.approx(0.2)
 
 
 def test_spent_s_constructor_argument():

@@ -158,9 +158,11 @@ def test_override_on_method_string_shorthand_keeps_method():
     assert isinstance(cfg.method, LoraOptions) and cfg.method.r == 8
 
 
-def test_merge_does_not_deep_merge_arch():
-    merged = merge({"model": {"arch": {"hidden_size": 64, "num_hidden_layers": 2}, "init": "scratch"}}, {"model": {"arch": {"hidden_size": 32}}})
-    assert merged == {"model": {"arch": {"hidden_size": 32}, "init": "scratch"}}
+def test_merge_is_deep_and_does_not_mutate():
+    a = {"budget": {"time": "1m", "steps": 5}, "data": {"train": ["x"]}}
+    b = {"budget": {"time": "2m"}, "optim": {"lr": 0.1}}
+    assert merge(a, b) == {"budget": {"time": "2m", "steps": 5}, "data": {"train": ["x"]}, "optim": {"lr": 0.1}}
+    assert a == {"budget": {"time": "1m", "steps": 5}, "data": {"train": ["x"]}}
 
 
 # --------------------------------------------------------------------------- unknown keys

@@ -11,7 +11,7 @@ import pytest
 
 import budgetune.data.tokenize as tokmod
 from budgetune.config import DataConfig, load_config
-from budgetune.data import IGNORE, prepare_data, split_heldout
+from budgetune.data import IGNORE, iter_texts, prepare_data, split_heldout
 from budgetune.data.formats import CHAT_ROLES, ChatFormat, PromptCompletionFormat, TextFormat, detect_format
 from budgetune.data.packing import build_rows, pack_examples, split_long
 from budgetune.data.sampler import RowSampler
@@ -364,6 +364,21 @@ def test_explicit_format_text_on_text_files(tmp_path, tokenizer, cache_dir):
     assert tokenize([p], tokenizer, cache_dir, format="text").format == "text"
 
 
+def test_non_string_text_field(tmp_path, tokenizer, cache_dir):
+    p = write_jsonl(tmp_path / "d.jsonl", [{"text": "ok"}, {"text": 42}])
+    with pytest.raises(DataError, match=rf"{p.name}:2: field 'text' must be a string, got int"):
+        tokenize([p], tokenizer, cache_dir)
+
+
+def test_iter_texts_yields_all_text_fields(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "P1", "completion": "C1"}, {"messages": [{"role": "user", "content": "U1"}, {"role": "assistant", "content": "A1"}]}])
+    b = tmp_path / "b.txt"
+    b.write_text("plain text")
+    cfg = load_config({"model": {"init": "scratch", "preset": "llama-test"}, "data": {"train": [str(a), str(b)]}, "budget": {"steps": 1}})
+    assert list(iter_texts(cfg)) == ["P1", "C1", "U1", "A1", "plain text"]
+    assert list(iter_texts(cfg, limit_bytes=3)) == ["P1", "C1"]  # stops after the record that crosses the limit
+
+
 def test_empty_data_is_an_error(tmp_path, tokenizer, cache_dir):
     p = tmp_path / "empty.txt"
     p.write_text("   \n")
@@ -449,6 +464,12 @@ def test_pack_row_counts(lengths, seq_len, n_rows):
 def test_pack_best_fit_pairs():
     rows = {tuple(sorted(r)) for r in pack_examples([7, 3, 6, 4], 10)}
     assert rows == {(0, 1), (2, 3)}
+
+
+def test_pack_prefers_the_fullest_row_that_fits():
+    # best fit: 4 goes into the row holding 6 (exactly full), not the emptier row holding 5
+    rows = {tuple(sorted(r)) for r in pack_examples([6, 5, 4, 3, 2], 10)}
+    assert rows == {(0, 2), (1, 3, 4)}
 
 
 @pytest.mark.parametrize("seed", range(5))

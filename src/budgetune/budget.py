@@ -134,4 +134,5 @@ class BudgetClock:
         self._started = self._clock()
         self.tokens = state["tokens"]
         self.steps = state["steps"]
-        self._max_p = state["max_p"]
+        # max_p is not restored: a resumed run may carry a larger budget (continue a WSD
+        # run from its stable phase), and its progress must be measured against that

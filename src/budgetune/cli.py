@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             from .evaluate import evaluate
 
-            result = evaluate(args.run_dir, data=args.data, prompts=args.prompt, max_tokens=args.max_tokens)
+            result = evaluate(args.run_dir, data=args.data, prompts=args.prompt, max_tokens=args.max_tokens,
+                              log=lambda m: print(m, file=sys.stderr))  # stdout stays clean for --json
             if args.json:
                 print(json.dumps(result, indent=2))
             else:

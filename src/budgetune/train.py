@@ -9,6 +9,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from .metrics import MetricsLog, peak_memory_bytes
 from .models import count_parameters, load_model, load_tokenizer
 from .optim import build_optimizer
 from .plan import flops_per_token, matmul_parameters
+from .errors import BudgetuneError
 from .rundir import RunDir
 from .schedules import lr_multiplier
 from .units import format_count, format_duration
@@ -58,14 +60,10 @@ def _save_final(run: RunDir, method, model, tokenizer) -> None:
     """The trained result in Hugging Face format, written beside and renamed into place."""
     tmp = run.path / ".tmp-model"
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     method.save_pretrained(model, tmp)
     tokenizer.save_pretrained(str(tmp))
     if run.model.exists():
-        import shutil
-
         shutil.rmtree(run.model)
     os.replace(tmp, run.model)
 
@@ -81,13 +79,23 @@ def train(config: str | Path | dict | Config | None = None, overrides=None, *, r
     cfg = load_config(config, overrides)
     run = RunDir(Path(cfg.output.dir))
     accelerator = _accelerator(cfg)
-    main, world, rank, device = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index, accelerator.device
-    show = main and not quiet
-    log = (lambda m: say(m)) if show else (lambda m: None)
+    main = accelerator.is_main_process
     run.check(resume, overwrite)
     if main:
         run.prepare(resume, overwrite)
     accelerator.wait_for_everyone()
+    try:
+        return _train(cfg, run, accelerator, resume, show=main and not quiet)
+    except BudgetuneError:
+        if main and not resume:  # bad data found after the folder was made: leave nothing behind
+            shutil.rmtree(run.path, ignore_errors=True)
+        raise
+
+
+def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> dict:
+    """The run itself: setup, the loop, the final eval and save."""
+    main, world, rank, device = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index, accelerator.device
+    log = (lambda m: say(m)) if show else (lambda m: None)
 
     # --- model, method, optimizer ----------------------------------------------------------
     torch.manual_seed(cfg.train.seed)
