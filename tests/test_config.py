@@ -148,11 +148,6 @@ def test_overrides_as_dict():
     assert cfg.budget.steps == 10 and cfg.budget.time == "90s"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: merge() replaces a string-shorthand `method: lora` with the override dict, "
-    "so `--method.r 8` loses the method name and fails as unknown key 'method.r'",
-)
 def test_override_on_method_string_shorthand_keeps_method():
     cfg = load_config(base(method="lora"), ["--method.r", "8"])
     assert isinstance(cfg.method, LoraOptions) and cfg.method.r == 8

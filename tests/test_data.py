@@ -274,11 +274,6 @@ def test_chat_mask_is_exact_for_merged_boundaries(tokenizer):
     assert [r.rstrip("\n") for r in runs] == ["\n    return a + b\n<|im_end|>"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: formats._encode_chat uses start=0 for an assistant message at index 0, "
-    "so the '<|im_start|>assistant\\n' header gets loss",
-)
 def test_chat_assistant_first_turn_header_not_learned(tokenizer):
     msgs = [{"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "hi"}]
     (ids, mask), = ChatFormat.encode([{"messages": msgs}], ["x"], tokenizer, dcfg())

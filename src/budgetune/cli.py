@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from .console import quiet_libraries
 from .errors import BudgetuneError
 
 USAGE = """budgetune <command> ...
@@ -41,24 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
-    """Our own progress bar is the one the user reads; silence the libraries' tqdm bars."""
-    import os
-
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:  # transformers is a dependency; keep the CLI's error path importable regardless
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    _quiet_libraries()
+    quiet_libraries()
     args, rest = _parser().parse_known_args(argv)
     try:
         if rest and args.command not in ("train", "demo"):

@@ -325,7 +325,8 @@ def parse_interval(value: Interval) -> tuple[str, float] | None:
         if not 0 < value <= 1:
             raise ValueError(f"a number must be a fraction of the budget in (0, 1], got {value} (or give a duration like '5m')")
         return ("progress", float(value))
-    return ("seconds", parse_duration(value))
+    seconds = parse_duration(value)
+    return ("seconds", seconds) if seconds > 0 else None
 
 
 def expand_path(path: str) -> str:
@@ -371,7 +372,7 @@ def parse_overrides(args: list[str]) -> dict:
 def merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "arch":
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = merge(out[key], value)
         else:
             out[key] = value
@@ -403,14 +404,18 @@ def load_config(source: str | Path | dict | Config | None = None, overrides: dic
     if isinstance(source, Config):
         data = source.to_dict()
     elif isinstance(source, dict):
-        data = source
+        data = dict(source)
     elif source is None:
         data = {}
     else:
         data = read_yaml(source)
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
-    data = merge(data, overrides or {})
+    overrides = dict(overrides or {})
+    for layer in (data, overrides):  # `method: lora` is shorthand for `method: {name: lora}`
+        if isinstance(layer.get("method"), str):
+            layer["method"] = {"name": layer["method"]}
+    data = merge(data, overrides)
     cfg = _build(Config, data, "")
     _validate(cfg)
     return cfg

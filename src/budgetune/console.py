@@ -52,3 +52,15 @@ def say(message: str, enabled: bool = True) -> None:
     if enabled:
         console.print(message)
         sys.stdout.flush()
+
+
+def quiet_libraries() -> None:
+    """Our progress bar is the one the user reads: silence the libraries' own tqdm bars."""
+    import os
+
+    from transformers.utils import logging as hf_logging
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()

@@ -18,7 +18,7 @@ import torch
 from .budget import Budget, BudgetClock
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import Config, dump_config, load_config, parse_interval
-from .console import TrainProgress, say
+from .console import TrainProgress, quiet_libraries, say
 from .data import prepare_data
 from .data.sampler import RowSampler
 from .evaluate import heldout_loss, token_losses
@@ -77,6 +77,7 @@ def _write_json(path: Path, data: dict) -> None:
 def train(config: str | Path | dict | Config | None = None, overrides=None, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> dict:
     """Train within the budget; return the run summary (also written to RUN_DIR/summary.json)."""
     cfg = load_config(config, overrides)
+    quiet_libraries()
     run = RunDir(Path(cfg.output.dir))
     accelerator = _accelerator(cfg)
     main = accelerator.is_main_process
@@ -109,7 +110,7 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
         model.save_pretrained(str(run.base))  # the adapter's base must be reloadable
     model = method.prepare(model, cfg.method)
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     trainable, total = count_parameters(model)
     n_matmul, n_matmul_trainable = matmul_parameters(model)
     fpt = flops_per_token(model.config, cfg.data.seq_len, n_matmul, n_matmul_trainable)
@@ -118,6 +119,7 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
 
     # --- the budget clock starts here: data preparation counts against it -------------------
     clock = BudgetClock(Budget.from_config(cfg.budget), fpt)
+    started_at = time.time()
     with accelerator.main_process_first():
         data = prepare_data(cfg, tokenizer, seed=cfg.train.seed, log=log)
     log(f"data: {data.train_examples} {data.format} examples → {len(data.train)} rows of {cfg.data.seq_len} "
@@ -213,7 +215,8 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
                           memory_mb=round(peak_memory_bytes(device) / 2**20, 1), epoch=round(sampler.epoch, 4))
             bar.update(p, clock.steps, loss_value, lr, tokens_per_s, clock.time_left(), clock.governing())
 
-            time_left_for_extras = (clock.time_left() or math.inf) - clock.reserve_s
+            time_left = clock.time_left()
+            time_left_for_extras = (math.inf if time_left is None else time_left) - clock.reserve_s
             if eval_every.due(p, clock.elapsed()) and p < 1.0 and time_left_for_extras > 2 * eval_cost:
                 t = time.monotonic()
                 eval_value = eval_loss()
@@ -240,6 +243,7 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
         "tokens": clock.tokens,
         "flops": clock.tokens * fpt,
         "flops_per_token": fpt,
+        "started_at": started_at,  # wall clock when the budget clock started (after model load)
         "elapsed_s": round(elapsed, 3),
         "overshoot_s": round(elapsed - budget_s, 3) if budget_s is not None else None,
         "tokens_per_s": round(clock.tokens / max(1e-9, elapsed), 1),

@@ -100,9 +100,8 @@ def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
 def _encode_chat(record: dict, where: str, tokenizer, cfg) -> Encoded:
     """Render the whole conversation once; mark the characters each assistant turn adds.
 
-    The assistant span of turn i is render(messages[:i+1]) minus
-    render(messages[:i], add_generation_prompt=True): the reply and its end-of-turn
-    marker, not the role header. Token labels come from the tokenizer's offsets, so the
+    The assistant span of turn i runs from where its content starts (after the role
+    header) to the end of render(messages[:i+1]): the reply and its end-of-turn marker. Token labels come from the tokenizer's offsets, so the
     mask is exact even where BPE merges across a boundary.
     """
     messages = record.get(cfg.messages_field)
@@ -120,7 +119,11 @@ def _encode_chat(record: dict, where: str, tokenizer, cfg) -> Encoded:
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = len(_render(tokenizer, messages[:i], True)) if i else 0
+        # the reply starts where its content appears after the previous turns (this skips
+        # the role header for any template, including a conversation opened by the assistant)
+        before = len(_render(tokenizer, messages[:i], False)) if i else 0
+        found = full.find(m["content"], before) if m["content"] else -1
+        start = found if found >= 0 else (len(_render(tokenizer, messages[:i], True)) if i else before)
         end = len(_render(tokenizer, messages[: i + 1], False))
         if full[:end] != _render(tokenizer, messages[: i + 1], False) or start > end:
             raise DataError(
