@@ -12,6 +12,7 @@ from .errors import BudgetuneError
 USAGE = """budgetune <command> ...
 
   train CONFIG [--resume] [--overwrite] [--section.key value ...]   train within the budget
+  plan CONFIG [--json] [--no-probe] [--section.key value ...]      ranked recipes that fit the budget
   demo [--section.key value ...]                                    tiny Llama on the stdlib, offline
   eval RUN_DIR [--data PATH ...] [--prompt TEXT ...]                held-out loss, perplexity, samples
   export RUN_DIR [--merge] [--out DIR] [--overwrite]                peft adapter or merged HF model
@@ -26,6 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in output.dir from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in output.dir")
     p.add_argument("--quiet", action="store_true")
+    p = sub.add_parser("plan", help="what fits: ranked recipes, predicted memory and speed")
+    p.add_argument("config", help="YAML config file (or a built-in name: demo)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--no-probe", action="store_true", help="predict only; do not time real steps")
     p = sub.add_parser("demo", help="the embedded default, no downloads")
     p.add_argument("--quiet", action="store_true")
     p = sub.add_parser("eval", help="evaluate a finished run")
@@ -47,12 +52,24 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     args, rest = _parser().parse_known_args(argv)
     try:
-        if rest and args.command not in ("train", "demo"):
+        if rest and args.command not in ("train", "demo", "plan"):
             raise BudgetuneError(f"unexpected arguments: {' '.join(rest)}")
         if args.command == "train":
             from .train import train
 
             train(args.config, rest, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+        elif args.command == "plan":
+            from .config import load_config
+            from .console import print_plan
+            from .plan.search import make_plan
+
+            cfg = load_config(args.config, rest)
+            result = make_plan(cfg, probe_steps=0 if args.no_probe else None,
+                               log=lambda m: print(m, file=sys.stderr))
+            if args.json:
+                print(json.dumps(result.to_dict(), indent=2, default=str))
+            else:
+                print_plan(result)
         elif args.command == "demo":
             from .demo import demo
 

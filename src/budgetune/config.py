@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from .errors import ConfigError
-from .units import parse_count, parse_duration
+from .units import parse_bytes, parse_count, parse_duration
 
 Interval = typing.Union[float, str, None]  # fraction of the budget (0 < x ≤ 1) or a duration ("5m")
 
@@ -95,6 +95,8 @@ class BudgetConfig:
     steps: int | None = None  # optimizer steps
     flops: str | float | None = None  # training FLOPs, e.g. 1e15
     reserve: str | float | None = None  # seconds kept for the final eval + save; default: measured
+    memory: str | float | None = None  # device memory for training, e.g. 24GB; default: what the device has
+    trainable: str | int | None = None  # cap on trainable parameters, e.g. 50M
 
 
 @dataclass
@@ -120,6 +122,13 @@ class CheckpointConfig:
 
 
 @dataclass
+class PlanConfig:
+    auto: bool = True  # train: the planner picks what the config leaves open (method, micro-batch, checkpointing)
+    probe: bool = True  # `plan`: time a few real steps of the top candidates to calibrate speed
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # plan for another machine's device (no probe then)
+
+
+@dataclass
 class OutputConfig:
     dir: str = "runs/run"
     overwrite: bool = False
@@ -137,10 +146,16 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def explicit(self) -> frozenset[str]:
+        """Dotted keys the user set (file or command line): the planner never changes them."""
+        return getattr(self, "_explicit", frozenset())
 
 
 # ---------------------------------------------------------------------------------------
@@ -274,7 +289,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}': must be {'≥ 0' if allow_zero else '> 0'}, got {value!r}")
 
     b = cfg.budget
-    for key, parse in (("time", parse_duration), ("reserve", parse_duration), ("tokens", parse_count), ("flops", parse_count)):
+    for key, parse in (("time", parse_duration), ("reserve", parse_duration), ("tokens", parse_count), ("flops", parse_count),
+                       ("memory", parse_bytes), ("trainable", parse_count)):
         raw = getattr(b, key)
         if raw is not None:
             try:
@@ -401,8 +417,10 @@ def read_yaml(path: str | Path) -> dict:
 
 def load_config(source: str | Path | dict | Config | None = None, overrides: dict | list[str] | None = None) -> Config:
     """A validated Config from a YAML path (or built-in name), a dict or a Config, plus overrides."""
+    explicit: set[str] = set()
     if isinstance(source, Config):
         data = source.to_dict()
+        explicit |= source.explicit
     elif isinstance(source, dict):
         data = dict(source)
     elif source is None:
@@ -415,10 +433,24 @@ def load_config(source: str | Path | dict | Config | None = None, overrides: dic
     for layer in (data, overrides):  # `method: lora` is shorthand for `method: {name: lora}`
         if isinstance(layer.get("method"), str):
             layer["method"] = {"name": layer["method"]}
+    if not isinstance(source, Config):
+        explicit |= _dotted_keys(data)
+    explicit |= _dotted_keys(overrides)
     data = merge(data, overrides)
     cfg = _build(Config, data, "")
     _validate(cfg)
+    object.__setattr__(cfg, "_explicit", frozenset(explicit))
     return cfg
+
+
+def _dotted_keys(data: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        keys.add(full)
+        if isinstance(value, dict) and key != "arch":
+            keys |= _dotted_keys(value, full + ".")
+    return keys
 
 
 def dump_config(cfg: Config, path: Path) -> None:

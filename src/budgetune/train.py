@@ -27,6 +27,7 @@ from .metrics import MetricsLog, peak_memory_bytes
 from .models import count_parameters, load_model, load_tokenizer
 from .optim import build_optimizer
 from .plan import flops_per_token, matmul_parameters
+from .plan.search import plan_for_training
 from .errors import BudgetuneError
 from .rundir import RunDir
 from .schedules import lr_multiplier
@@ -98,6 +99,9 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
     main, world, rank, device = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index, accelerator.device
     log = (lambda m: say(m)) if show else (lambda m: None)
 
+    # --- plan: fill in what the config leaves open, and predict memory and speed ----------------
+    cfg, prediction = plan_for_training(cfg, log=log)
+
     # --- model, method, optimizer ----------------------------------------------------------
     torch.manual_seed(cfg.train.seed)
     if cfg.train.deterministic:
@@ -129,14 +133,14 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
     raw_model = accelerator.unwrap_model(model)
     sampler = RowSampler(len(data.train), cfg.train.micro_batch, cfg.train.seed, world, rank)
     state: dict = {}
+    if main and not resume:
+        dump_config(cfg, run.config)
     if resume and list_checkpoints(run.checkpoints):
         latest = list_checkpoints(run.checkpoints)[-1]
         state = load_checkpoint(latest, raw_model, optimizer)
         clock.load_state_dict(state["clock"])
         sampler.position = state["data_position"]
         log(f"resumed from {latest} (step {clock.steps}, {format_duration(clock.elapsed())} of budget used)")
-    elif main:
-        dump_config(cfg, run.config)
 
     def reduce_sum(t: torch.Tensor) -> torch.Tensor:
         return accelerator.reduce(t, "sum") if world > 1 else t
@@ -256,6 +260,9 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
         "parameters": total,
         "trainable_parameters": trainable,
         "peak_memory_mb": round(peak_memory_bytes(device) / 2**20, 1),
+        "predicted": prediction,  # the planner's numbers for this recipe, before the run
+        "recipe": {"method": cfg.method.name, "micro_batch": cfg.train.micro_batch, "grad_accum": cfg.train.grad_accum,
+                   "gradient_checkpointing": cfg.model.gradient_checkpointing},
         "epochs": round(sampler.epoch, 4),
         "world_size": world,
         "data": data.summary(),

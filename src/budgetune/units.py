@@ -36,6 +36,30 @@ def parse_count(value: str | float | int) -> float:
     return float(number) * _SCALE[unit.lower() if unit else None]
 
 
+_BYTES = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(b|kb|mb|gb|tb|kib|mib|gib|tib)?\s*$", re.I)
+_BYTE_SCALE = {None: 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: str | float | int) -> float:
+    """Bytes from `24GB`, `24GiB`, `512MB` or a plain number. GB means 10^9, GiB 2^30."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    match = _BYTES.match(str(value))
+    if not match:
+        raise ValueError(f"not a size: {value!r} (use e.g. 24GB, 80GiB, 512MB)")
+    number, unit = match.groups()
+    return float(number) * _BYTE_SCALE[unit.lower() if unit else None]
+
+
+def format_bytes(n: float) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
 def format_duration(seconds: float) -> str:
     seconds = max(0.0, seconds)
     if seconds < 60:

@@ -1,0 +1,374 @@
+"""Peak memory of one training step, predicted from the model config and the recipe.
+
+    estimate_memory(config, recipe, device_type="cpu") -> MemoryEstimate
+
+The model
+---------
+The peak is *not* the sum of every buffer: activations are freed during backward while
+gradients are being created, so the two never exist in full at the same time. The
+estimate therefore walks the step in the order `train.py` runs it and takes the largest
+of these moments (steady state, i.e. from the second optimizer step on, when the AdamW
+moments already exist):
+
+1. **loss** — end of forward: weights + optimizer states + every saved activation + the
+   logits and the loss buffers (`evaluate.token_losses`: the [B,T,V] logits, the
+   non-contiguous `logits[:, :-1]` flattened into a copy, the log-softmax output that
+   cross-entropy saves; in backward the same three-buffer peak recurs as the nll grad,
+   the log-softmax grad and the saved output).
+2. **backward, layer i** (top to bottom) — the saved activations of layers ≤ i, the
+   gradients of everything above i, and one layer's backward workspace. Activations
+   shrink and gradients grow layer by layer, so the maximum sits at the top or bottom.
+3. **optimizer step** — weights + all gradients + states + the optimizer's temporaries.
+
+With gradient accumulation > 1 the gradients exist in full during every micro-batch
+after the first, so they are added to phases 1–2.
+
+Terms (bytes), as resident at the predicted peak — `total` is their sum:
+
+* `weights` — parameters × dtype size: fp32 on CPU and for full FT on CUDA (fp32 master
+  weights under bf16 autocast); an adapter method's frozen base is bf16 on CUDA
+  (`models.weights_dtype`), its adapter stays fp32. ZeRO-3: ÷ world size.
+* `gradients` — fp32, trainable parameters only; ZeRO ≥ 2: ÷ world size.
+* `optimizer_states` — AdamW: 2 fp32 moments per trainable parameter; SGD with momentum:
+  1; ZeRO ≥ 1: ÷ world size.
+* `activations` — tensors autograd saves for backward, per decoder layer per token
+  (coefficients below), × layers, or with gradient checkpointing: one hidden state per
+  layer boundary + one layer recomputed in full during its backward.
+* `attention_mask` — our rows always carry a mask (packed rows: the block-diagonal mask
+  transformers builds from position_ids; padded rows: the padding mask), a [B,1,T,T]
+  bool tensor. SDPA converts it to an additive float mask *in every layer* and saves
+  that for backward: B·T²·(activation bytes) per layer. Under checkpointing only the
+  bool mask is saved (the conversion is recomputed).
+* `logits_loss` — see phase 1: 3 × B·T·V × 4 bytes (fp32 on CPU; on CUDA the bf16 logits,
+  their bf16 flat copy and the fp32 `.float()` copy/log-softmax/grads give about the same).
+* `workspace` — transients: a layer's backward temporaries (≈ one [B,T,max(I, 3H)]
+  buffer), the CPU AdamW's per-parameter temporaries (single-tensor path: `sqrt` and the
+  division, 2 × the largest parameter; torch uses neither foreach nor fused on CPU), and
+  under ZeRO-3 one gathered layer of full weights.
+* `comm_buffers` — plain data parallel (world > 1, ZeRO 0): DDP's gradient buckets, a
+  second copy of the gradients that lives for the whole run (accelerate leaves
+  `gradient_as_bucket_view` off). DeepSpeed's own reduce buckets are not modelled.
+* `runtime` — what the first steps cost above the post-import baseline whatever the
+  model: OpenMP/oneDNN thread pools and kernel caches, the module objects, the autograd
+  engine. 16 MiB on CPU (15–21 MB measured for a 1-layer, 64-wide model, full FT and LoRA);
+  0 on CUDA, where `overhead` covers it.
+* `overhead` — the process/framework memory outside the step: `overhead_bytes` when given
+  (the calibration probe passes the measured post-import baseline); otherwise a default:
+  CPU 400 MiB (RSS of Python + torch + transformers + peft after import: 350–370 MB
+  measured on torch 2.13 / transformers 5.23), CUDA 1 GiB (context, cuBLAS workspace and
+  caching-allocator slack, which `max_memory_allocated` does not see).
+
+Activation coefficients (elements per token per layer, no checkpointing) were read off
+the tensors autograd actually saves (`torch.autograd.graph.saved_tensors_hooks` on
+transformers 5.23, SDPA). Rotary embeddings save nothing large (cos/sin do not require
+grad); with a mask, transformers repeats K/V to all heads before SDPA.
+
+* Llama family (llama, mistral, qwen2 and, as an approximation, anything else):
+  6H (layer input, RMSNorm's normalised and scaled outputs, twice) + q, k, v, out of SDPA
+  (nh·hd each; k, v at nkv·hd when there is no mask) + nh (log-sum-exp) + 4I (gate, up,
+  SiLU(gate), their product).
+* GPT-NeoX (parallel residual): 10H (input, 2 LayerNorm outputs, the fused QKV output
+  that v views into (3H), rotated q and k, attention output and its reshaped copy) + nh +
+  2I (dense_h_to_4h output and its GELU).
+* LoRA adds r per adapted linear (lora_A's output, saved by lora_B).
+
+Accuracy on CPU is measured by `benchmarks/planner_accuracy.py` (docs/benchmarks.md).
+The CUDA numbers (bf16 activations, the autocast weight-cast cache) follow the same model
+but are not calibrated on a GPU.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass, field
+
+from .recipe import Recipe
+
+MiB = 2**20
+DEFAULT_OVERHEAD = {"cpu": 400 * MiB, "cuda": 1024 * MiB}
+RUNTIME = {"cpu": 16 * MiB, "cuda": 0}  # first-step costs above the post-import baseline (module doc)
+STATE_COPIES = {"adamw": 2, "sgd": 1}  # fp32 optimizer states per trainable parameter
+TERMS = ("weights", "gradients", "optimizer_states", "activations", "attention_mask", "logits_loss", "workspace",
+         "comm_buffers", "runtime", "overhead")
+
+
+@dataclass
+class MemoryEstimate:
+    terms: dict[str, int]  # bytes resident at the predicted peak; total = their sum
+    peak_at: str = ""  # the moment of the step where the peak falls
+    sizes: dict[str, int] = field(default_factory=dict)  # full size of each component, resident or not
+    parameters: int = 0
+    trainable: int = 0
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.terms.values()))
+
+    @property
+    def step_bytes(self) -> int:
+        """The peak without the framework overhead: what the training step itself adds."""
+        return self.total - self.terms.get("overhead", 0)
+
+    def describe(self) -> str:
+        lines = []
+        for name, value in self.terms.items():
+            full = self.sizes.get(name)
+            extra = f"  (of {_human(full)})" if full is not None and full != value else ""
+            lines.append(f"{name:<17} {_human(value):>10}{extra}")
+        lines.append(f"{'total':<17} {_human(self.total):>10}  peak at {self.peak_at}")
+        return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+# --- architecture from the config -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Linear:
+    name: str  # module path inside a decoder layer, e.g. "self_attn.q_proj"
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class _Arch:
+    family: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    parameters: int  # all, shared tensors once
+    layer_parameters: int  # one decoder layer
+    embedding_parameters: int  # input embedding (= lm_head when tied)
+    head_parameters: int  # lm_head when untied, else 0
+    largest_parameter: int  # numel of the largest single tensor
+    layer_largest_parameter: int
+    layer_linears: tuple[_Linear, ...]  # nn.Linear modules of one decoder layer
+
+
+def _field(config, *names, default=None):
+    for n in names:
+        v = getattr(config, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+def _config_key(config) -> str:
+    d = config.to_dict()
+    return json.dumps({k: v for k, v in d.items() if not k.startswith("_")}, sort_keys=True, default=str)
+
+
+def architecture(config) -> _Arch:
+    """Shapes and exact parameter counts, from a model built on the meta device (no memory)."""
+    return _architecture(_config_key(config), config)
+
+
+_ARCH_CACHE: dict[str, _Arch] = {}  # configs are not hashable; keyed by their JSON
+
+
+def _architecture(key: str, config) -> _Arch:
+    if key in _ARCH_CACHE:
+        return _ARCH_CACHE[key]
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is embedding
+    unique = {id(p): p for p in model.parameters()}
+    layers = _decoder_layers(model)
+    layer = layers[0]
+    layer_params = list(layer.parameters())
+    linears = tuple(
+        _Linear(name, m.in_features, m.out_features) for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)
+    )
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    arch = _Arch(
+        family="gpt_neox" if config.model_type == "gpt_neox" else "llama",
+        hidden=hidden,
+        intermediate=_field(config, "intermediate_size", default=4 * hidden),
+        layers=config.num_hidden_layers,
+        heads=heads,
+        kv_heads=_field(config, "num_key_value_heads", default=heads),
+        head_dim=_field(config, "head_dim", default=hidden // heads),
+        vocab=config.vocab_size,
+        tied=tied,
+        parameters=sum(p.numel() for p in unique.values()),
+        layer_parameters=sum(p.numel() for p in layer_params),
+        embedding_parameters=embedding.numel(),
+        head_parameters=0 if tied or head is None else head.weight.numel(),
+        largest_parameter=max(p.numel() for p in unique.values()),
+        layer_largest_parameter=max(p.numel() for p in layer_params),
+        layer_linears=linears,
+    )
+    _ARCH_CACHE[key] = arch
+    return arch
+
+
+def _decoder_layers(model):
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == model.config.num_hidden_layers:
+            return module
+    raise ValueError(f"no decoder layer list found in {type(model).__name__}")
+
+
+def lora_linears(arch: _Arch, targets: tuple[str, ...]) -> list[_Linear]:
+    """The linears of one decoder layer that peft's LoRA adapts for `targets`.
+
+    "all-linear": every nn.Linear except the output layer (peft skips the lm_head, which is
+    outside the decoder layers anyway). Otherwise peft matches a name exactly or as the last
+    component(s) of the module path; we accept glob patterns too.
+    """
+    if tuple(targets) == ("all-linear",):
+        return list(arch.layer_linears)
+    out = []
+    for lin in arch.layer_linears:
+        if any(lin.name == t or lin.name.endswith("." + t) or fnmatch.fnmatch(lin.name, t) for t in targets):
+            out.append(lin)
+    return out
+
+
+def trainable_parameters(arch: _Arch, recipe: Recipe) -> int:
+    if recipe.method == "full":
+        return arch.parameters
+    if recipe.method == "lora":
+        return arch.layers * sum(recipe.lora_r * (lin.in_features + lin.out_features) for lin in lora_linears(arch, recipe.lora_targets))
+    raise ValueError(f"memory model: unknown method {recipe.method!r}")
+
+
+# --- activations ---------------------------------------------------------------------------------
+
+
+def layer_activation_elements(arch: _Arch, masked: bool, lora_r: int = 0, n_lora: int = 0) -> int:
+    """Elements autograd saves per token in one decoder layer (no checkpointing), without the mask."""
+    h, i, nh = arch.hidden, arch.intermediate, arch.heads
+    q = nh * arch.head_dim
+    if arch.family == "gpt_neox":
+        n = 10 * h + nh + 2 * i
+    else:
+        kv = q if masked or arch.kv_heads == nh else arch.kv_heads * arch.head_dim  # repeat_kv with a mask
+        n = 6 * h + 2 * q + 2 * kv + nh + 4 * i
+    return n + lora_r * n_lora
+
+
+def post_activation_elements(arch: _Arch) -> int:
+    """Per token after the last layer: the final norm's input and outputs (the lm_head's input)."""
+    return (2 if arch.family == "gpt_neox" else 3) * arch.hidden
+
+
+# --- the estimate --------------------------------------------------------------------------------
+
+
+def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_bytes: int | None = None) -> MemoryEstimate:
+    """Predicted peak memory of a training step of `recipe` on a model with `config` (see module doc)."""
+    if recipe.optimizer not in STATE_COPIES:
+        raise ValueError(f"memory model: unknown optimizer {recipe.optimizer!r}")
+    arch = architecture(config)
+    cuda = device_type == "cuda"
+    adapter = recipe.method != "full"
+    world = max(1, recipe.world_size)
+    zero = recipe.zero_stage if world > 1 else 0
+    b, t = recipe.micro_batch, recipe.seq_len
+    tokens = b * t
+
+    # weights: models.weights_dtype — bf16 frozen base only for adapters on CUDA
+    trainable = trainable_parameters(arch, recipe)
+    base_bytes = 2 if (cuda and adapter) else 4
+    weights = arch.parameters * base_bytes + (trainable * 4 if adapter else 0)
+    total_params = arch.parameters + (trainable if adapter else 0)
+    if cuda and recipe.precision == "bf16-mixed" and not adapter:
+        weights += 2 * arch.parameters  # autocast caches a bf16 copy of each weight for the step
+    if zero >= 3:
+        weights //= world
+    grad_per_param = 4
+    states = STATE_COPIES[recipe.optimizer] * 4 * trainable
+    if zero >= 1:
+        states //= world
+    grad_shard = world if zero >= 2 else 1
+
+    def grads(n_params: int) -> int:
+        return n_params * grad_per_param // grad_shard
+
+    # gradient bytes per region (what backward has produced so far)
+    if adapter:
+        g_layer, g_head, g_embed = trainable // arch.layers, 0, 0
+    else:
+        g_layer, g_embed = arch.layer_parameters, arch.embedding_parameters
+        g_head = arch.parameters - arch.layers * arch.layer_parameters - arch.embedding_parameters  # lm_head + final norm
+    g_total = grads(trainable)
+
+    # activations
+    act = 2 if (cuda and recipe.precision == "bf16-mixed") else 4
+    masked = True  # packed rows get a block-diagonal mask, padded rows a padding mask (module doc)
+    n_lora = len(lora_linears(arch, recipe.lora_targets)) if recipe.method == "lora" else 0
+    per_layer = tokens * layer_activation_elements(arch, masked, recipe.lora_r if n_lora else 0, n_lora) * act
+    rotary = 2 * (tokens if recipe.packed else t) * arch.head_dim * 4  # cos/sin, shared by all layers
+    post = tokens * post_activation_elements(arch) * act
+    float_mask = b * t * t * act if masked else 0  # per layer, saved by SDPA
+    bool_mask = b * t * t if masked else 0
+    logits = 3 * tokens * arch.vocab * 4
+    layer_ws = tokens * max(arch.intermediate, 3 * arch.hidden) * act
+    if recipe.gradient_checkpointing:
+        saved_per_layer, mask_per_layer = tokens * arch.hidden * act, 0
+        recomputed = per_layer  # its float mask is counted under attention_mask, in backward
+        mask_resident = bool_mask
+    else:
+        saved_per_layer, mask_per_layer, recomputed, mask_resident = per_layer, float_mask, 0, 0
+    # CPU AdamW (single-tensor path): sqrt + division temporaries of the largest trainable tensor
+    largest = arch.largest_parameter if not adapter else max(
+        [recipe.lora_r * max(lin.in_features, lin.out_features) for lin in lora_linears(arch, recipe.lora_targets)] or [0])
+    opt_ws = 2 * 4 * largest if (not cuda and recipe.optimizer == "adamw") else 0
+    zero3_ws = arch.layer_parameters * base_bytes if zero >= 3 else 0
+    g_accum = g_total if recipe.grad_accum > 1 else 0
+    comm = 4 * trainable if (world > 1 and zero == 0) else 0
+
+    L = arch.layers
+    sizes = {
+        "weights": weights, "gradients": g_total, "optimizer_states": states,
+        "activations": L * saved_per_layer + rotary + post + recomputed,
+        "attention_mask": L * mask_per_layer + mask_resident, "logits_loss": logits,
+    }
+    # the moments of the step (module doc): name → resident terms
+    moments: dict[str, dict[str, int]] = {
+        "loss (end of forward)": dict(
+            gradients=g_accum, activations=L * saved_per_layer + rotary + post,
+            attention_mask=L * mask_per_layer + mask_resident, logits_loss=logits, workspace=0),
+    }
+    for i in reversed(range(L)):
+        above = grads(g_head + (L - 1 - i) * g_layer)
+        moments[f"backward, layer {i}"] = dict(
+            gradients=max(g_accum, above),
+            activations=(i + 1) * saved_per_layer + rotary + recomputed,
+            attention_mask=(i + 1) * mask_per_layer + mask_resident + (float_mask if recipe.gradient_checkpointing else 0),
+            logits_loss=0, workspace=layer_ws + zero3_ws)
+    if not adapter and arch.tied:
+        # the embedding's gradient is computed apart and added into the tied weight's .grad
+        moments["backward, embedding"] = dict(gradients=g_total, activations=0, attention_mask=0, logits_loss=0,
+                                              workspace=grads(g_embed))
+    moments["optimizer step"] = dict(gradients=g_total, activations=0, attention_mask=0, logits_loss=0, workspace=opt_ws)
+
+    peak_at, resident = max(moments.items(), key=lambda kv: sum(kv[1].values()))
+    overhead = overhead_bytes if overhead_bytes is not None else DEFAULT_OVERHEAD["cuda" if cuda else "cpu"]
+    terms = {"weights": weights, "gradients": resident["gradients"], "optimizer_states": states,
+             "activations": resident["activations"], "attention_mask": resident["attention_mask"],
+             "logits_loss": resident["logits_loss"], "workspace": resident["workspace"], "comm_buffers": comm,
+             "runtime": RUNTIME["cuda" if cuda else "cpu"], "overhead": int(overhead)}
+    return MemoryEstimate(terms={k: int(v) for k, v in terms.items()}, peak_at=peak_at, sizes=sizes,
+                          parameters=total_params, trainable=trainable)

@@ -1,0 +1,37 @@
+"""A recipe: everything about a training step that decides its memory and speed."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class Recipe:
+    method: str = "full"  # a name in budgetune.methods.METHODS
+    lora_r: int = 16  # adapter methods only
+    lora_targets: tuple[str, ...] = ("all-linear",)
+    micro_batch: int = 8
+    grad_accum: int = 1
+    seq_len: int = 1024
+    gradient_checkpointing: bool = False
+    # fp32: fp32 weights, no autocast (CPU). bf16-mixed: fp32 weights + bf16 autocast (GPU full FT).
+    # Adapter methods on a GPU keep the frozen base in bf16 (see models.weights_dtype).
+    precision: Literal["fp32", "bf16-mixed"] = "fp32"
+    optimizer: str = "adamw"  # a name in budgetune.optim.OPTIMIZERS
+    packed: bool = True
+    world_size: int = 1
+    zero_stage: int = 0
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_batch * self.grad_accum * self.seq_len * self.world_size
+
+    def with_(self, **changes) -> "Recipe":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["lora_targets"] = list(self.lora_targets)
+        return d

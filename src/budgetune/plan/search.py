@@ -1,0 +1,300 @@
+"""Recipe search: enumerate what the config leaves open, drop what does not fit, rank the rest.
+
+The dimensions are method (full / LoRA), micro-batch × accumulation (the tokens per
+optimizer step stay as configured), and gradient checkpointing; precision follows the
+device (fp32 on CPU, bf16 autocast on GPUs). Anything the user set in the config or on
+the command line is pinned. Ranking: full fine-tuning before LoRA when both fit and the
+method is open (it trains every weight), then predicted tokens/s — calibrated by a short
+probe on the real device when `plan.probe` is on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..units import format_bytes, format_count, parse_bytes, parse_count, parse_duration
+from .memory import MemoryEstimate, estimate_memory
+from .recipe import Recipe
+from .scaling import ScratchProposal, propose_scratch
+from .throughput import device_flops_guess, probe, step_flops_per_token
+
+CHARS_PER_TOKEN = 3.6  # rough for English/code with a BPE tokenizer; only used before tokenisation
+
+
+@dataclass
+class Candidate:
+    recipe: Recipe
+    memory: MemoryEstimate
+    trainable: int
+    flops_per_token: float
+    tokens_per_s: float
+    fits: bool = True
+    why_not: str = ""
+    probed: bool = False
+    tokens_in_budget: float | None = None
+    epochs: float | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "recipe": self.recipe.to_dict(),
+            "fits": self.fits,
+            "why_not": self.why_not,
+            "peak_memory_bytes": self.memory.total,
+            "memory_terms": self.memory.terms,
+            "trainable_parameters": self.trainable,
+            "flops_per_token": self.flops_per_token,
+            "tokens_per_s": self.tokens_per_s,
+            "probed": self.probed,
+            "tokens_in_budget": self.tokens_in_budget,
+            "epochs": self.epochs,
+        }
+
+
+@dataclass
+class Plan:
+    device: str
+    memory_budget: int
+    candidates: list[Candidate]
+    unique_tokens: float | None
+    scratch: ScratchProposal | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fitting(self) -> list[Candidate]:
+        return [c for c in self.candidates if c.fits]
+
+    @property
+    def best(self) -> Candidate | None:
+        return self.fitting[0] if self.fitting else None
+
+    def to_dict(self) -> dict:
+        return {
+            "device": self.device,
+            "memory_budget_bytes": self.memory_budget,
+            "unique_tokens_estimate": self.unique_tokens,
+            "best": self.best.to_dict() if self.best else None,
+            "candidates": [c.to_dict() for c in self.candidates],
+            "scratch": vars(self.scratch) if self.scratch else None,
+            "notes": self.notes,
+        }
+
+
+class _VocabOnly:
+    """Stands in for a tokenizer when only the vocabulary size matters (planning from a config)."""
+
+    def __init__(self, size: int):
+        self.size, self.bos_token_id, self.eos_token_id, self.pad_token_id = size, None, 0, 0
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def plan_model_config(cfg):
+    """The transformers config to plan for, without loading weights (or training a tokenizer)."""
+    from ..models import load_tokenizer, model_config
+
+    if cfg.model.init == "pretrained":
+        return model_config(cfg, None)
+    if cfg.tokenizer.train_vocab_size > 0:
+        return model_config(cfg, _VocabOnly(cfg.tokenizer.train_vocab_size))
+    return model_config(cfg, load_tokenizer(cfg, log=lambda m: None))
+
+
+def parameter_counts(config, recipe: Recipe) -> tuple[int, int, int]:
+    """(total, matmul, trainable-matmul) parameters for a method, counted on a meta-device model."""
+    from transformers import AutoModelForCausalLM
+
+    from .flops import matmul_parameters
+
+    with torch.device("meta"):
+        model = prepare_method(AutoModelForCausalLM.from_config(config), recipe)
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    n_matmul, n_trainable = matmul_parameters(model)
+    return total, n_matmul, n_trainable
+
+
+def prepare_method(model, recipe: Recipe):
+    """Apply the recipe's method to a model, as training would."""
+    from ..methods import get_method
+
+    method = get_method(recipe.method)
+    opts = method.Options(name=recipe.method, r=recipe.lora_r) if method.adapter else method.Options(name=recipe.method)
+    return method.prepare(model, opts)
+
+
+def estimate_unique_tokens(cfg) -> float | None:
+    from ..data.sources import resolve
+
+    try:
+        files = resolve(cfg.data.train, cfg.data.max_files)
+    except Exception:  # planning a config whose data is not on this machine is allowed
+        return None
+    size = sum(f.stat().st_size if f.is_file() else sum(p.stat().st_size for p in Path(f).rglob("*") if p.is_file()) for f in files)
+    return size / CHARS_PER_TOKEN
+
+
+def target_device(cfg) -> torch.device:
+    if cfg.plan.device != "auto":
+        return torch.device(cfg.plan.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def memory_budget_bytes(cfg, device: torch.device) -> int:
+    from ..errors import ConfigError
+
+    if cfg.budget.memory is not None:
+        return int(parse_bytes(cfg.budget.memory))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("plan.device is cuda but this machine has no GPU: set budget.memory (e.g. 24GB)")
+        return int(torch.cuda.get_device_properties(device).total_memory * 0.95)
+    import psutil
+
+    return int(psutil.virtual_memory().available * 0.9)
+
+
+def candidate_recipes(cfg, device: torch.device) -> list[Recipe]:
+    pinned = cfg.explicit
+    device_precision = "bf16-mixed" if device.type == "cuda" else "fp32"
+    methods = [cfg.method.name] if "method.name" in pinned or cfg.method.name not in ("full", "lora") else ["full", "lora"]
+    rows_per_step = cfg.train.micro_batch * cfg.train.grad_accum
+    if "train.micro_batch" in pinned:
+        shapes = [(cfg.train.micro_batch, cfg.train.grad_accum)]
+    else:
+        shapes = [(mb, rows_per_step // mb) for mb in (1, 2, 4, 8, 16, 32, 64) if rows_per_step % mb == 0]
+    ckpts = [cfg.model.gradient_checkpointing] if "model.gradient_checkpointing" in pinned else [False, True]
+    r = getattr(cfg.method, "r", 16)
+    return [
+        Recipe(method=m, lora_r=r, micro_batch=mb, grad_accum=ga, seq_len=cfg.data.seq_len, gradient_checkpointing=ck,
+               precision=device_precision, optimizer=cfg.optim.name, packed=cfg.data.pack)
+        for m in methods for mb, ga in shapes for ck in ckpts
+    ]
+
+
+def make_plan(cfg, probe_steps: int | None = None, log=print) -> Plan:
+    """Rank the candidate recipes for this config on this machine."""
+    device = target_device(cfg)
+    here = device.type == "cpu" or torch.cuda.is_available()
+    config = plan_model_config(cfg)
+    memory_budget = memory_budget_bytes(cfg, device)
+    trainable_cap = parse_count(cfg.budget.trainable) if cfg.budget.trainable is not None else None
+    unique = estimate_unique_tokens(cfg)
+    achieved = device_flops_guess(device)
+    counts: dict[str, tuple[int, int, int]] = {}
+    candidates = []
+    for recipe in candidate_recipes(cfg, device):
+        if recipe.method not in counts:
+            counts[recipe.method] = parameter_counts(config, recipe)
+        total, n_matmul, n_trainable = counts[recipe.method]
+        memory = estimate_memory(config, recipe, device.type)
+        fpt = step_flops_per_token(config, recipe, n_matmul, n_trainable)
+        c = Candidate(recipe, memory, n_trainable if recipe.method != "full" else total, fpt, achieved / fpt)
+        if memory.total > memory_budget:
+            biggest = max(memory.terms, key=memory.terms.get)
+            c.fits, c.why_not = False, (f"needs {format_bytes(memory.total)} > {format_bytes(memory_budget)} "
+                                        f"(largest term: {biggest} {format_bytes(memory.terms[biggest])})")
+        elif trainable_cap is not None and c.trainable > trainable_cap:
+            c.fits, c.why_not = False, f"{format_count(c.trainable)} trainable parameters > cap {format_count(trainable_cap)}"
+        candidates.append(c)
+
+    method_rank = {"full": 0, "lora": 1}
+    rank = lambda c: (not c.fits, method_rank.get(c.recipe.method, 2), -c.tokens_per_s, c.recipe.gradient_checkpointing, -c.recipe.micro_batch)  # noqa: E731
+    candidates.sort(key=rank)
+    notes = []
+    steps = probe_steps if probe_steps is not None else (2 if cfg.plan.probe and here else 0)
+    if steps and candidates and candidates[0].fits:
+        _calibrate(config, [c for c in candidates if c.fits][:4], steps, device, log)
+        notes.append(f"speed calibrated by a {steps}-step probe on {device.type} (random-init weights, synthetic tokens)")
+        candidates.sort(key=rank)
+    else:
+        notes.append(f"speed from a device guess of {achieved / 1e9:.0f} GFLOP/s (no probe)")
+    time_s = parse_duration(cfg.budget.time) if cfg.budget.time is not None else None
+    for c in candidates:
+        if time_s is not None:
+            c.tokens_in_budget = c.tokens_per_s * time_s
+            c.epochs = c.tokens_in_budget / unique if unique else None
+    scratch = None
+    if cfg.model.init == "scratch":
+        budget_flops = parse_count(cfg.budget.flops) if cfg.budget.flops is not None else None
+        if budget_flops is None and time_s is not None and candidates:
+            budget_flops = (candidates[0].tokens_per_s * candidates[0].flops_per_token) * time_s
+        if budget_flops:
+            scratch = propose_scratch(budget_flops, unique)
+    return Plan(device.type, memory_budget, candidates, unique, scratch, notes)
+
+
+def _calibrate(config, candidates: list[Candidate], steps: int, device: torch.device, log) -> None:
+    """Probe each candidate on a random-init model and replace the predicted speed with the measured one."""
+    from transformers import AutoModelForCausalLM
+
+    for c in candidates:
+        torch.manual_seed(0)
+        model = prepare_method(AutoModelForCausalLM.from_config(config).to(device), c.recipe)
+        if c.recipe.gradient_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if c.recipe.precision == "bf16-mixed" else _null()
+        with autocast:
+            result = probe(model, c.recipe, c.flops_per_token, steps, device)
+        c.tokens_per_s, c.probed = result.tokens_per_s, True
+        log(f"probe {c.recipe.method} mb={c.recipe.micro_batch} ckpt={c.recipe.gradient_checkpointing}: {result.tokens_per_s:,.0f} tokens/s")
+        del model
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def apply_plan(cfg, plan: Plan):
+    """The config with the best recipe's choices filled into what the user left open."""
+    from ..config import load_config
+
+    best = plan.best
+    if best is None:
+        return cfg
+    r = best.recipe
+    overrides = {}
+    if "method.name" not in cfg.explicit and r.method != cfg.method.name:
+        overrides["method"] = {"name": r.method}
+    if "train.micro_batch" not in cfg.explicit:
+        overrides["train"] = {"micro_batch": r.micro_batch, "grad_accum": r.grad_accum}
+    if "model.gradient_checkpointing" not in cfg.explicit:
+        overrides["model"] = {"gradient_checkpointing": r.gradient_checkpointing}
+    if not overrides:
+        return cfg
+    planned = load_config(cfg, overrides)
+    object.__setattr__(planned, "_explicit", cfg.explicit)  # planner choices are not user pins
+    return planned
+
+
+def recipe_from_config(cfg, device: torch.device) -> Recipe:
+    return Recipe(
+        method=cfg.method.name, lora_r=getattr(cfg.method, "r", 16), micro_batch=cfg.train.micro_batch,
+        grad_accum=cfg.train.grad_accum, seq_len=cfg.data.seq_len, gradient_checkpointing=cfg.model.gradient_checkpointing,
+        precision="bf16-mixed" if device.type == "cuda" else "fp32", optimizer=cfg.optim.name, packed=cfg.data.pack,
+    )
+
+
+def plan_for_training(cfg, log=print):
+    """(config to train, prediction for it): the planner's choices applied to what the config leaves open."""
+    from ..errors import BudgetuneError
+
+    plan = make_plan(cfg, probe_steps=0, log=log)
+    if cfg.plan.auto:
+        if plan.best is None:
+            reasons = "; ".join(sorted({f"{c.recipe.method}: {c.why_not}" for c in plan.candidates})[:3])
+            raise BudgetuneError(f"no recipe fits the budget ({reasons}); lower data.seq_len or train.micro_batch, "
+                                 "allow LoRA (leave method.name unset), or raise budget.memory")
+        cfg = apply_plan(cfg, plan)
+    chosen = recipe_from_config(cfg, target_device(cfg))
+    match = next((c for c in plan.candidates if c.recipe == chosen), None)
+    prediction = None
+    if match is not None:
+        prediction = {"peak_memory_mb": round(match.memory.total / 2**20, 1), "tokens_per_s": round(match.tokens_per_s, 1),
+                      "fits": match.fits, "memory_terms_mb": {k: round(v / 2**20, 1) for k, v in match.memory.terms.items()}}
+    return cfg, prediction
