@@ -1,7 +1,6 @@
 """The memory model (plan/memory.py): its terms against hand-computed cases, and one real measurement."""
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Qwen2Config
 
 from budgetune.plan.memory import estimate_memory, layer_activation_elements, architecture

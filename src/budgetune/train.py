@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -173,6 +174,8 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
     ckpt_every = Every(cfg.checkpoint.every, clock.progress(), clock.elapsed())
     accum, lr, loss_value, tokens_per_s = cfg.train.grad_accum, 0.0, float("nan"), 0.0
     stopping = torch.zeros(1, device=device)
+    step_rates: list[float] = []  # tokens/s of each optimizer step (periodic evals and saves excluded)
+    previous_step_s = 0.0
     model.train()
     log(f"budget: {clock.budget.describe()} (reserve {clock.reserve_s:.1f}s for final eval + save); eval loss before {loss_before:.4f}")
 
@@ -201,7 +204,9 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
                     # data parallelism (DDP averages over processes, hence × world)
                     accelerator.backward(loss * world / max(targets, 1.0))
                 loss_sum += loss.detach()
-            clock.record_step(step_tokens, time.monotonic() - t0)
+            # the step-time estimate (used to stop on time) is the previous step's full duration,
+            # optimizer included; the first step has only its forward and backward to go by
+            clock.record_step(step_tokens, previous_step_s or time.monotonic() - t0)
             p = clock.progress()
             lr = cfg.optim.lr * lr_multiplier(p, cfg.schedule)
             for group in optimizer.param_groups:
@@ -211,8 +216,9 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
             optimizer.zero_grad(set_to_none=True)
 
             loss_value = reduce_sum(loss_sum).item() / max(targets, 1.0)
-            seconds = time.monotonic() - t0
+            seconds = previous_step_s = time.monotonic() - t0
             tokens_per_s = step_tokens / max(seconds, 1e-9)
+            step_rates.append(tokens_per_s)
             metrics.write(step=clock.steps, tokens=clock.tokens, seconds=round(clock.elapsed(), 3), progress=round(p, 5),
                           loss=loss_value, lr=lr, tokens_per_s=round(tokens_per_s, 1),
                           grad_norm=float(grad_norm) if grad_norm is not None else None,
@@ -252,6 +258,7 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
         "overshoot_s": round(elapsed - budget_s, 3) if budget_s is not None else None,
         "tokens_per_s": round(clock.tokens / max(1e-9, elapsed), 1),
         "train_tokens_per_s_last": round(tokens_per_s, 1),
+        "train_tokens_per_s_median": round(statistics.median(step_rates), 1) if step_rates else None,
         "eval_loss_before": loss_before,
         "eval_loss_after": loss_after,
         "uniform_loss": math.log(len(tokenizer)),
@@ -273,5 +280,8 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
         log(f"done in {format_duration(elapsed)}"
             + (f" (budget {format_duration(budget_s)}, overshoot {summary['overshoot_s']:+.2f}s)" if budget_s else "")
             + f": {clock.steps} steps, {format_count(clock.tokens)} tokens, eval loss {loss_before:.4f} → {loss_after:.4f}; run folder {run.path}")
+        if prediction:
+            log(f"planner: peak memory {prediction['peak_memory_mb']:.0f} MB predicted, {summary['peak_memory_mb']:.0f} MB measured; "
+                f"{prediction['tokens_per_s']:,.0f} tokens/s predicted (uncalibrated), {summary['train_tokens_per_s_median'] or 0:,.0f} measured (median step)")
     accelerator.wait_for_everyone()
     return summary

@@ -25,9 +25,9 @@ import). Why this and not a tensor count:
   blocks are mmapped, freeing one unmaps it and RSS follows the live tensors. glibc does
   that only until the first large free: it then raises its mmap threshold to that block's
   size (up to 32 MiB), and every smaller tensor afterwards comes from the heap, whose freed
-  holes are kept. Measured on the planner grid, that inflates the RSS peak of a step by
-  +2% to +90% over the live tensors, depending on the order of allocations rather than on
-  their sizes. So by default (`allocator="pinned"`) the child pins the mmap threshold at
+  holes are kept. Measured on the planner grid (docs/benchmarks.md), that inflates the RSS
+  peak of a step by +9% to +151% over the pinned measurement — most for LoRA and
+  checkpointing — depending on the order of allocations rather than on their sizes. So by default (`allocator="pinned"`) the child pins the mmap threshold at
   glibc's initial 128 KiB (`pin_mmap_threshold`, = `MALLOC_MMAP_THRESHOLD_=131072`), which
   makes RSS track the live tensors; this is the measurement the memory model is checked
   against. `allocator="default"` measures what an unpinned process gets; a training
@@ -127,8 +127,8 @@ def pin_mmap_threshold(threshold: int = PINNED_MMAP_THRESHOLD) -> bool:
 
     glibc raises its mmap threshold to the size of every mmapped block that is freed (up to
     32 MiB). After the first large tensor is freed, every smaller tensor comes from the heap,
-    whose freed holes are kept, so RSS drifts far above the live tensors (+20–80% measured in
-    benchmarks/planner_accuracy.py). Setting the threshold explicitly turns that adjustment
+    whose freed holes are kept, so RSS drifts far above the live tensors (+9% to +151% on
+    the grid of benchmarks/planner_accuracy.py). Setting the threshold explicitly turns that adjustment
     off, the same as `MALLOC_MMAP_THRESHOLD_=131072` in the environment.
     """
     import ctypes
