@@ -119,7 +119,7 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
     trainable, total = count_parameters(model)
     n_matmul, n_matmul_trainable = matmul_parameters(model)
     fpt = flops_per_token(model.config, cfg.data.seq_len, n_matmul, n_matmul_trainable)
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, method.lr_scales(cfg.method))
     log(f"model: {format_count(total)} parameters, {format_count(trainable)} trainable ({cfg.method.name}); device {device}, {world} process(es)")
 
     # --- the budget clock starts here: data preparation counts against it -------------------
@@ -210,7 +210,7 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
             p = clock.progress()
             lr = cfg.optim.lr * lr_multiplier(p, cfg.schedule)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else None
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -26,6 +26,10 @@ class Method:
         """Freeze/wrap the model for training; return the model to train."""
         raise NotImplementedError
 
+    def lr_scales(self, opts) -> dict[str, float]:
+        """Learning-rate multipliers by parameter-name substring (e.g. LoRA+: {"lora_B": 16})."""
+        return {}
+
     def save_pretrained(self, model, path: Path) -> None:
         """Write the trained result in Hugging Face format (full model or peft adapter)."""
         model.save_pretrained(str(path), safe_serialization=True)

@@ -1,4 +1,4 @@
-"""Optimizers by name. A builder takes (named trainable parameters, OptimConfig) → torch optimizer."""
+"""Optimizers by name. A builder takes (parameter groups, OptimConfig) → torch optimizer."""
 
 from __future__ import annotations
 
@@ -17,31 +17,30 @@ def register(name: str):
     return wrap
 
 
-def param_groups(named_params, weight_decay: float) -> list[dict]:
-    """Decay matrices only: biases, norms and gains (1-D tensors) are not decayed."""
-    decay, no_decay = [], []
-    for _, p in named_params:
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+def param_groups(named_params, weight_decay: float, lr_scales: dict[str, float] | None = None) -> list[dict]:
+    """Decay matrices only (biases, norms and gains — 1-D tensors — are not decayed); a group per
+    learning-rate scale. The loop sets each group's lr to the schedule's lr × its `lr_scale`."""
+    groups: dict[tuple[float, bool], list] = {}
+    for name, p in named_params:
+        scale = next((s for key, s in (lr_scales or {}).items() if key in name), 1.0)
+        groups.setdefault((scale, p.ndim >= 2), []).append(p)
+    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
+            for (scale, decay), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
 
 
 @register("adamw")
-def adamw(named_params, cfg):
-    params = list(named_params)
-    fused = all(p.is_cuda for _, p in params) and bool(params)
-    return torch.optim.AdamW(
-        param_groups(params, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None
-    )
+def adamw(groups, cfg):
+    fused = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
 
 
 @register("sgd")
-def sgd(named_params, cfg):
-    return torch.optim.SGD(param_groups(list(named_params), cfg.weight_decay), lr=cfg.lr, momentum=cfg.beta1)
+def sgd(groups, cfg):
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.beta1)
 
 
-def build_optimizer(model, cfg):
+def build_optimizer(model, cfg, lr_scales: dict[str, float] | None = None):
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("the method left no trainable parameters")
-    return OPTIMIZERS[cfg.name](named, cfg)
+    return OPTIMIZERS[cfg.name](param_groups(named, cfg.weight_decay, lr_scales), cfg)

@@ -88,7 +88,9 @@ from .recipe import Recipe
 MiB = 2**20
 DEFAULT_OVERHEAD = {"cpu": 400 * MiB, "cuda": 1024 * MiB}
 RUNTIME = {"cpu": 16 * MiB, "cuda": 0}  # first-step costs above the post-import baseline (module doc)
-STATE_COPIES = {"adamw": 2, "sgd": 1}  # fp32 optimizer states per trainable parameter
+STATE_COPIES = {"adamw": 2, "sgd": 1}
+LORA_FAMILY = ("lora", "rslora", "dora", "loraplus")  # same adapter shapes (DoRA adds a magnitude vector); DoRA's
+# extra activations (the weight-norm of W + BA per layer) are not modelled  # fp32 optimizer states per trainable parameter
 TERMS = ("weights", "gradients", "optimizer_states", "activations", "attention_mask", "logits_loss", "workspace",
          "comm_buffers", "runtime", "overhead")
 
@@ -248,8 +250,10 @@ def lora_linears(arch: _Arch, targets: tuple[str, ...]) -> list[_Linear]:
 def trainable_parameters(arch: _Arch, recipe: Recipe) -> int:
     if recipe.method == "full":
         return arch.parameters
-    if recipe.method == "lora":
-        return arch.layers * sum(recipe.lora_r * (lin.in_features + lin.out_features) for lin in lora_linears(arch, recipe.lora_targets))
+    if recipe.method in LORA_FAMILY:
+        linears = lora_linears(arch, recipe.lora_targets)
+        dora = arch.layers * sum(lin.out_features for lin in linears) if recipe.method == "dora" else 0  # magnitude vectors
+        return arch.layers * sum(recipe.lora_r * (lin.in_features + lin.out_features) for lin in linears) + dora
     raise ValueError(f"memory model: unknown method {recipe.method!r}")
 
 
@@ -317,7 +321,7 @@ def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_b
     # activations
     act = 2 if (cuda and recipe.precision == "bf16-mixed") else 4
     masked = True  # packed rows get a block-diagonal mask, padded rows a padding mask (module doc)
-    n_lora = len(lora_linears(arch, recipe.lora_targets)) if recipe.method == "lora" else 0
+    n_lora = len(lora_linears(arch, recipe.lora_targets)) if recipe.method in LORA_FAMILY else 0
     per_layer = tokens * layer_activation_elements(arch, masked, recipe.lora_r if n_lora else 0, n_lora) * act
     rotary = 2 * (tokens if recipe.packed else t) * arch.head_dim * 4  # cos/sin, shared by all layers
     post = tokens * post_activation_elements(arch) * act
