@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn
 
 from .units import format_count, format_duration
 
@@ -19,10 +19,9 @@ class TrainProgress:
         self.enabled = enabled
         self._progress = Progress(
             TextColumn("[bold]train[/]"),
-            BarColumn(),
-            TextColumn("{task.percentage:>5.1f}%"),
+            BarColumn(bar_width=24),
+            TextColumn("{task.percentage:>5.1f}% of {task.fields[governing]}"),
             TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(),
             console=console,
             transient=False,
             disable=not enabled,
@@ -32,16 +31,16 @@ class TrainProgress:
 
     def __enter__(self):
         self._progress.__enter__()
-        self._task = self._progress.add_task("train", total=1.0, status="")
+        self._task = self._progress.add_task("train", total=1.0, status="", governing="budget")
         return self
 
     def __exit__(self, *exc):
         return self._progress.__exit__(*exc)
 
     def update(self, p: float, step: int, loss: float, lr: float, tokens_per_s: float, time_left: float | None, governing: str):
-        left = f" | {format_duration(time_left)} left" if time_left is not None else ""
-        status = f"step {step} | loss {loss:.3f} | lr {lr:.2e} | {format_count(tokens_per_s)} tok/s{left} [{governing}]"
-        self._progress.update(self._task, completed=p, status=status)
+        left = f" {format_duration(time_left)} left" if time_left is not None else ""
+        status = f"step {step} loss {loss:.3f} lr {lr:.1e} {format_count(tokens_per_s)} tok/s{left}"
+        self._progress.update(self._task, completed=p, status=status, governing=governing)
 
     def log(self, message: str):
         if self.enabled:

@@ -176,6 +176,7 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
     stopping = torch.zeros(1, device=device)
     step_rates: list[float] = []  # tokens/s of each optimizer step (periodic evals and saves excluded)
     previous_step_s = 0.0
+    p_before = clock.progress()
     model.train()
     log(f"budget: {clock.budget.describe()} (reserve {clock.reserve_s:.1f}s for final eval + save); eval loss before {loss_before:.4f}")
 
@@ -208,7 +209,10 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
             # optimizer included; the first step has only its forward and backward to go by
             clock.record_step(step_tokens, previous_step_s or time.monotonic() - t0)
             p = clock.progress()
-            lr = cfg.optim.lr * lr_multiplier(p, cfg.schedule)
+            # the LR of a step is the schedule at the middle of the progress it covers: neither
+            # the first step (warmup) nor the last (annealed to zero) is wasted at lr = 0
+            lr = cfg.optim.lr * lr_multiplier(0.5 * (p_before + p), cfg.schedule)
+            p_before = p
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else None

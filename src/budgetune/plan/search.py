@@ -284,7 +284,11 @@ def plan_for_training(cfg, log=print):
     """(config to train, prediction for it): the planner's choices applied to what the config leaves open."""
     from ..errors import BudgetuneError
 
-    plan = make_plan(cfg, probe_steps=0, log=log)
+    try:
+        plan = make_plan(cfg, probe_steps=0, log=log)
+    except ValueError as e:  # the memory model raises ValueError for what it cannot model
+        log(f"planner: {e}; training the config as given, without a prediction")
+        return cfg, None
     if cfg.plan.auto:
         if plan.best is None:
             reasons = "; ".join(sorted({f"{c.recipe.method}: {c.why_not}" for c in plan.candidates})[:3])
