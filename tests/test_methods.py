@@ -101,3 +101,25 @@ def test_param_groups_do_not_decay_vectors():
     groups = param_groups([("w", w), ("b", b)], weight_decay=0.1)
     decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     assert decay[id(w)] == 0.1 and decay[id(b)] == 0.0
+
+
+PEFT_TUNERS = {"ia3": "ia3_l", "vera": "vera_lambda", "miss": "miss_block"}
+
+
+@pytest.mark.parametrize("name", sorted(PEFT_TUNERS))
+def test_other_peft_adapters(tmp_path, chat, name):
+    summary = train(tiny_config(tmp_path, chat, method={"name": name}, budget={"steps": 8}, optim={"lr": 3e-2},
+                                checkpoint={"every": 0.5}), quiet=True)
+    run = tmp_path / "run"
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    assert 0 < summary["trainable_parameters"] < summary["parameters"] / 3
+    assert summary["predicted"] is not None  # the planner knows the method (counted on a meta model)
+    ckpt = load_file(str(list_checkpoints(run / "checkpoints")[-1] / "trainable.safetensors"))
+    assert ckpt and all(PEFT_TUNERS[name] in k for k in ckpt), sorted(ckpt)[:3]
+    assert sum(t.numel() for t in ckpt.values()) == summary["trainable_parameters"]
+
+    trained, tokenizer, _ = load_trained(run)
+    merged = AutoModelForCausalLM.from_pretrained(export(run, merge=True))
+    ids = torch.tensor([tokenizer("What is 2 plus 2?")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=1e-4, atol=1e-4)

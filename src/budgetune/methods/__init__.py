@@ -51,4 +51,4 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-from . import full, lora  # noqa: E402,F401  (registration)
+from . import full, lora, peft_tuners  # noqa: E402,F401  (registration)

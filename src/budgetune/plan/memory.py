@@ -254,7 +254,19 @@ def trainable_parameters(arch: _Arch, recipe: Recipe) -> int:
         linears = lora_linears(arch, recipe.lora_targets)
         dora = arch.layers * sum(lin.out_features for lin in linears) if recipe.method == "dora" else 0  # magnitude vectors
         return arch.layers * sum(recipe.lora_r * (lin.in_features + lin.out_features) for lin in linears) + dora
-    raise ValueError(f"memory model: unknown method {recipe.method!r}")
+    raise ValueError(f"memory model: no formula for method {recipe.method!r}")
+
+
+def counted_trainable_parameters(config, recipe: Recipe) -> int:
+    """Trainable parameters of any adapter method, counted on a meta-device model with the method applied."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .search import prepare_method
+
+    with torch.device("meta"):
+        model = prepare_method(AutoModelForCausalLM.from_config(config), recipe)
+    return sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
 
 
 # --- activations ---------------------------------------------------------------------------------
@@ -293,7 +305,10 @@ def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_b
     tokens = b * t
 
     # weights: models.weights_dtype — bf16 frozen base only for adapters on CUDA
-    trainable = trainable_parameters(arch, recipe)
+    # a formula for full FT and the LoRA family; other adapters are counted (their small
+    # activations are not modelled, as for DoRA's weight norm)
+    formula = recipe.method == "full" or recipe.method in LORA_FAMILY
+    trainable = trainable_parameters(arch, recipe) if formula else counted_trainable_parameters(config, recipe)
     base_bytes = 2 if (cuda and adapter) else 4
     weights = arch.parameters * base_bytes + (trainable * 4 if adapter else 0)
     total_params = arch.parameters + (trainable if adapter else 0)

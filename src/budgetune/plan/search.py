@@ -10,6 +10,7 @@ probe on the real device when `plan.probe` is on.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,8 +123,7 @@ def prepare_method(model, recipe: Recipe):
     from ..methods import get_method
 
     method = get_method(recipe.method)
-    opts = method.Options(name=recipe.method, r=recipe.lora_r) if method.adapter else method.Options(name=recipe.method)
-    return method.prepare(model, opts)
+    return method.prepare(model, method.Options(**recipe.extra.get("method_options", {"name": recipe.method})))
 
 
 def estimate_unique_tokens(cfg) -> float | None:
@@ -168,9 +168,14 @@ def candidate_recipes(cfg, device: torch.device) -> list[Recipe]:
         shapes = [(mb, rows_per_step // mb) for mb in (1, 2, 4, 8, 16, 32, 64) if rows_per_step % mb == 0]
     ckpts = [cfg.model.gradient_checkpointing] if "model.gradient_checkpointing" in pinned else [False, True]
     r = getattr(cfg.method, "r", 16)
+
+    def options(method: str) -> dict:
+        # the config's own method keeps all its options; an alternative the planner adds gets its defaults and r
+        return dataclasses.asdict(cfg.method) if method == cfg.method.name else {"name": method, "r": r}
+
     return [
         Recipe(method=m, lora_r=r, micro_batch=mb, grad_accum=ga, seq_len=cfg.data.seq_len, gradient_checkpointing=ck,
-               precision=device_precision, optimizer=cfg.optim.name, packed=cfg.data.pack)
+               precision=device_precision, optimizer=cfg.optim.name, packed=cfg.data.pack, extra={"method_options": options(m)})
         for m in methods for mb, ga in shapes for ck in ckpts
     ]
 
@@ -274,7 +279,8 @@ def apply_plan(cfg, plan: Plan):
 
 def recipe_from_config(cfg, device: torch.device) -> Recipe:
     return Recipe(
-        method=cfg.method.name, lora_r=getattr(cfg.method, "r", 16), micro_batch=cfg.train.micro_batch,
+        method=cfg.method.name, lora_r=getattr(cfg.method, "r", 16), extra={"method_options": dataclasses.asdict(cfg.method)},
+        micro_batch=cfg.train.micro_batch,
         grad_accum=cfg.train.grad_accum, seq_len=cfg.data.seq_len, gradient_checkpointing=cfg.model.gradient_checkpointing,
         precision="bf16-mixed" if device.type == "cuda" else "fp32", optimizer=cfg.optim.name, packed=cfg.data.pack,
     )
