@@ -20,7 +20,7 @@ from .budget import Budget, BudgetClock
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import Config, dump_config, load_config, parse_interval
 from .console import TrainProgress, quiet_libraries, say
-from .data import prepare_data
+from .data import IGNORE, prepare_data
 from .data.sampler import RowSampler
 from .evaluate import heldout_loss, token_losses
 from .methods import get_method
@@ -156,7 +156,12 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
     eval_cost = time.monotonic() - t
     bytes_to_save = 4 * (3 * trainable + total)  # trainable + Adam moments + final model, fp32
     save_rate = 200e6  # bytes/s until a checkpoint has been timed
-    clock.set_reserve(1.1 * eval_cost + bytes_to_save / save_rate + 1.0)
+
+    def update_reserve() -> None:
+        """Keep back what the final eval and save will cost, as last measured (+1 s for the summary and exit)."""
+        clock.set_reserve(1.1 * eval_cost + bytes_to_save / save_rate + 1.0)
+
+    update_reserve()
 
     def checkpoint(step: int) -> None:
         nonlocal save_rate
@@ -167,7 +172,7 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
             }, keep=cfg.checkpoint.keep)
         accelerator.wait_for_everyone()
         save_rate = 4 * (3 * trainable) / max(1e-3, time.monotonic() - t)
-        clock.set_reserve(1.1 * eval_cost + bytes_to_save / save_rate + 1.0)
+        update_reserve()
 
     metrics = MetricsLog(run.metrics if main else None)
     eval_every = Every(cfg.eval.every, clock.progress(), clock.elapsed())
@@ -192,7 +197,7 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
             rows = [sampler.next() for _ in range(accum)]
             batches = [data.train.batch(r) for r in rows]
             counts = torch.tensor([
-                float(sum((b["labels"][:, 1:] != -100).sum() for b in batches)),
+                float(sum((b["labels"][:, 1:] != IGNORE).sum() for b in batches)),
                 float(sum(data.train.real_tokens[r].sum() for r in rows)),
             ], device=device)
             targets, step_tokens = reduce_sum(counts).tolist()
@@ -235,6 +240,7 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
                 t = time.monotonic()
                 eval_value = eval_loss()
                 eval_cost = time.monotonic() - t
+                update_reserve()
                 metrics.write(event="eval", step=clock.steps, tokens=clock.tokens, seconds=round(clock.elapsed(), 3), eval_loss=eval_value)
                 bar.log(f"step {clock.steps}: eval loss {eval_value:.4f}")
             if ckpt_every.due(p, clock.elapsed()) and p < 1.0 and time_left_for_extras > 2 * bytes_to_save / save_rate:
