@@ -75,3 +75,14 @@ def test_plan_command_on_a_7b_config_without_weights():
     assert plan["best"]["peak_memory_bytes"] <= 24e9
     # full fine-tuning of ~6.7B parameters: fp32 weights alone are ~27 GB
     assert max(c["memory_terms"]["weights"] for c in full) > 24e9
+
+
+def test_plan_command_on_the_demo_config_proposes_a_scratch_model():
+    done = subprocess.run([sys.executable, "-m", "budgetune", "plan", "demo", "--json", "--no-probe"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    assert plan["best"]["recipe"]["method"] == "full"  # pinned by the demo config
+    assert plan["best"]["tokens_in_budget"] > 0 and plan["unique_tokens_estimate"] > 1e6
+    scratch = plan["scratch"]
+    assert scratch["params"] > 0 and scratch["lr"] > 0 and len(scratch["reasoning"]) >= 3

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import sys
 import sysconfig
 import types
 import typing
@@ -456,6 +455,3 @@ def _dotted_keys(data: dict, prefix: str = "") -> set[str]:
 def dump_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
 
-
-if __name__ == "__main__":  # pragma: no cover - debugging aid
-    print(load_config(sys.argv[1], sys.argv[2:]))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-Profile = Callable[[float, "ScheduleConfig"], float]  # noqa: F821
+Profile = Callable[[float, object], float]  # (progress, ScheduleConfig) → multiplier
 PROFILES: dict[str, Profile] = {}
 
 

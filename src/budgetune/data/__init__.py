@@ -9,7 +9,7 @@ import numpy as np
 
 from .packing import IGNORE, Rows, build_rows, pack_examples
 from .sources import read_records, resolve
-from .tokenize import TokenizedSet, default_cache_dir, tokenize_files
+from .tokenize import TokenizedSet, tokenize_files
 
 __all__ = ["DataBundle", "prepare_data", "iter_texts", "Rows", "pack_examples", "build_rows", "IGNORE", "TokenizedSet"]
 

@@ -24,10 +24,6 @@ class Recipe:
     zero_stage: int = 0
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
-    @property
-    def tokens_per_step(self) -> int:
-        return self.micro_batch * self.grad_accum * self.seq_len * self.world_size
-
     def with_(self, **changes) -> "Recipe":
         return replace(self, **changes)
 

@@ -11,7 +11,6 @@ probe on the real device when `plan.probe` is on.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
