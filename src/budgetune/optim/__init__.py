@@ -44,3 +44,6 @@ def build_optimizer(model, cfg, lr_scales: dict[str, float] | None = None):
     if not named:
         raise ValueError("the method left no trainable parameters")
     return OPTIMIZERS[cfg.name](param_groups(named, cfg.weight_decay, lr_scales), cfg)
+
+
+from . import fp8_adamw  # noqa: E402,F401  (registration)

@@ -88,7 +88,7 @@ from .recipe import Recipe
 MiB = 2**20
 DEFAULT_OVERHEAD = {"cpu": 400 * MiB, "cuda": 1024 * MiB}
 RUNTIME = {"cpu": 16 * MiB, "cuda": 0}  # first-step costs above the post-import baseline (module doc)
-STATE_COPIES = {"adamw": 2, "sgd": 1}
+STATE_COPIES = {"adamw": 2, "sgd": 1, "adamw_fp8": 2 * (1 + 8 / 256) / 4}  # fp8: 1 byte + 8 per 256-group, per moment
 LORA_FAMILY = ("lora", "rslora", "dora", "loraplus")  # same adapter shapes (DoRA adds a magnitude vector); DoRA's
 # extra activations (the weight-norm of W + BA per layer) are not modelled  # fp32 optimizer states per trainable parameter
 TERMS = ("weights", "gradients", "optimizer_states", "activations", "attention_mask", "logits_loss", "workspace",
@@ -317,7 +317,7 @@ def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_b
     if zero >= 3:
         weights //= world
     grad_per_param = 4
-    states = STATE_COPIES[recipe.optimizer] * 4 * trainable
+    states = int(STATE_COPIES[recipe.optimizer] * 4 * trainable)
     if zero >= 1:
         states //= world
     grad_shard = world if zero >= 2 else 1
