@@ -76,6 +76,9 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 = off
+    rank: int = 128  # galore: rank of the gradient projection
+    update_gap: int = 200  # galore: optimizer steps between projection refreshes (SVD)
+    scale: float = 0.25  # galore: scale α of the projected update
 
 
 @dataclass

@@ -257,6 +257,24 @@ def trainable_parameters(arch: _Arch, recipe: Recipe) -> int:
     raise ValueError(f"memory model: no formula for method {recipe.method!r}")
 
 
+def galore_state_elements(arch: _Arch, recipe: Recipe, trainable: int) -> int:
+    """GaLore (optim/galore.py): matrices larger than the rank keep Adam moments of their
+    r × max(m, n) projection plus the projection itself (min(m, n) × r); the rest plain Adam."""
+    rank = recipe.extra.get("galore_rank", 128)
+    if recipe.method != "full":
+        return 2 * trainable
+    matrices = [(lin.in_features, lin.out_features) for lin in arch.layer_linears] * arch.layers
+    matrices.append((arch.vocab, arch.hidden))  # input embedding (the lm_head too when tied)
+    if arch.head_parameters:
+        matrices.append((arch.vocab, arch.hidden))
+    elements, projected = 0, 0
+    for a, b in matrices:
+        if min(a, b) > rank:
+            elements += 2 * rank * max(a, b) + rank * min(a, b)
+            projected += a * b
+    return elements + 2 * (trainable - projected)
+
+
 def counted_trainable_parameters(config, recipe: Recipe) -> int:
     """Trainable parameters of any adapter method, counted on a meta-device model with the method applied."""
     import torch
@@ -294,7 +312,7 @@ def post_activation_elements(arch: _Arch) -> int:
 
 def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_bytes: int | None = None) -> MemoryEstimate:
     """Predicted peak memory of a training step of `recipe` on a model with `config` (see module doc)."""
-    if recipe.optimizer not in STATE_COPIES:
+    if recipe.optimizer not in STATE_COPIES and recipe.optimizer != "galore":
         raise ValueError(f"memory model: unknown optimizer {recipe.optimizer!r}")
     arch = architecture(config)
     cuda = device_type == "cuda"
@@ -317,7 +335,10 @@ def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_b
     if zero >= 3:
         weights //= world
     grad_per_param = 4
-    states = int(STATE_COPIES[recipe.optimizer] * 4 * trainable)
+    if recipe.optimizer == "galore":
+        states = 4 * galore_state_elements(arch, recipe, trainable)
+    else:
+        states = int(STATE_COPIES[recipe.optimizer] * 4 * trainable)
     if zero >= 1:
         states //= world
     grad_shard = world if zero >= 2 else 1

@@ -174,7 +174,8 @@ def candidate_recipes(cfg, device: torch.device) -> list[Recipe]:
 
     return [
         Recipe(method=m, lora_r=r, micro_batch=mb, grad_accum=ga, seq_len=cfg.data.seq_len, gradient_checkpointing=ck,
-               precision=device_precision, optimizer=cfg.optim.name, packed=cfg.data.pack, extra={"method_options": options(m)})
+               precision=device_precision, optimizer=cfg.optim.name, packed=cfg.data.pack,
+               extra={"method_options": options(m), "galore_rank": cfg.optim.rank})
         for m in methods for mb, ga in shapes for ck in ckpts
     ]
 
@@ -278,7 +279,8 @@ def apply_plan(cfg, plan: Plan):
 
 def recipe_from_config(cfg, device: torch.device) -> Recipe:
     return Recipe(
-        method=cfg.method.name, lora_r=getattr(cfg.method, "r", 16), extra={"method_options": dataclasses.asdict(cfg.method)},
+        method=cfg.method.name, lora_r=getattr(cfg.method, "r", 16),
+        extra={"method_options": dataclasses.asdict(cfg.method), "galore_rank": cfg.optim.rank},
         micro_batch=cfg.train.micro_batch,
         grad_accum=cfg.train.grad_accum, seq_len=cfg.data.seq_len, gradient_checkpointing=cfg.model.gradient_checkpointing,
         precision="bf16-mixed" if device.type == "cuda" else "fp32", optimizer=cfg.optim.name, packed=cfg.data.pack,
