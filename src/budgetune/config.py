@@ -76,9 +76,12 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 = off
-    rank: int = 128  # galore: rank of the gradient projection
-    update_gap: int = 200  # galore: optimizer steps between projection refreshes (SVD)
-    scale: float = 0.25  # galore: scale α of the projected update
+    rank: int = 128  # galore/frugal: rank of the gradient projection
+    update_gap: int = 200  # galore/frugal: optimizer steps between subspace refreshes
+    scale: float = 0.25  # galore/frugal: scale α of the projected (Adam) update
+    subspace: Literal["svd", "random", "blocks"] = "svd"  # frugal: how the state-full subspace is chosen
+    density: float = 0.25  # frugal blocks: fraction of matrices with Adam at a time
+    sign_lr_ratio: float = 1.0  # frugal: signSGD step on the residual, relative to lr
 
 
 @dataclass

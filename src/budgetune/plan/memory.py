@@ -258,11 +258,17 @@ def trainable_parameters(arch: _Arch, recipe: Recipe) -> int:
 
 
 def galore_state_elements(arch: _Arch, recipe: Recipe, trainable: int) -> int:
-    """GaLore (optim/galore.py): matrices larger than the rank keep Adam moments of their
-    r × max(m, n) projection plus the projection itself (min(m, n) × r); the rest plain Adam."""
+    """GaLore (optim/galore.py) and FRUGAL's svd/random subspaces (optim/frugal.py): matrices
+    larger than the rank keep Adam moments of their r × max(m, n) projection plus the
+    projection itself (min(m, n) × r); the rest plain Adam. FRUGAL blocks: see below."""
     rank = recipe.extra.get("galore_rank", 128)
     if recipe.method != "full":
         return 2 * trainable
+    if recipe.optimizer == "frugal" and recipe.extra.get("frugal_subspace") == "blocks":
+        # Adam moments for a `density` share of the matrices at a time, none for the rest
+        matrix_params = arch.layers * sum(lin.in_features * lin.out_features for lin in arch.layer_linears)
+        matrix_params += arch.embedding_parameters + arch.head_parameters
+        return int(2 * recipe.extra.get("frugal_density", 0.25) * matrix_params) + 2 * (trainable - matrix_params)
     matrices = [(lin.in_features, lin.out_features) for lin in arch.layer_linears] * arch.layers
     matrices.append((arch.vocab, arch.hidden))  # input embedding (the lm_head too when tied)
     if arch.head_parameters:
@@ -312,7 +318,7 @@ def post_activation_elements(arch: _Arch) -> int:
 
 def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_bytes: int | None = None) -> MemoryEstimate:
     """Predicted peak memory of a training step of `recipe` on a model with `config` (see module doc)."""
-    if recipe.optimizer not in STATE_COPIES and recipe.optimizer != "galore":
+    if recipe.optimizer not in STATE_COPIES and recipe.optimizer not in ("galore", "frugal"):
         raise ValueError(f"memory model: unknown optimizer {recipe.optimizer!r}")
     arch = architecture(config)
     cuda = device_type == "cuda"
@@ -335,7 +341,7 @@ def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_b
     if zero >= 3:
         weights //= world
     grad_per_param = 4
-    if recipe.optimizer == "galore":
+    if recipe.optimizer in ("galore", "frugal"):
         states = 4 * galore_state_elements(arch, recipe, trainable)
     else:
         states = int(STATE_COPIES[recipe.optimizer] * 4 * trainable)

@@ -156,6 +156,11 @@ def memory_budget_bytes(cfg, device: torch.device) -> int:
     return int(psutil.virtual_memory().available * 0.9)
 
 
+def optimizer_extra(cfg) -> dict:
+    """The optimizer options the memory model needs (projection rank, FRUGAL's subspace)."""
+    return {"galore_rank": cfg.optim.rank, "frugal_subspace": cfg.optim.subspace, "frugal_density": cfg.optim.density}
+
+
 def candidate_recipes(cfg, device: torch.device) -> list[Recipe]:
     pinned = cfg.explicit
     device_precision = "bf16-mixed" if device.type == "cuda" else "fp32"
@@ -175,7 +180,7 @@ def candidate_recipes(cfg, device: torch.device) -> list[Recipe]:
     return [
         Recipe(method=m, lora_r=r, micro_batch=mb, grad_accum=ga, seq_len=cfg.data.seq_len, gradient_checkpointing=ck,
                precision=device_precision, optimizer=cfg.optim.name, packed=cfg.data.pack,
-               extra={"method_options": options(m), "galore_rank": cfg.optim.rank})
+               extra={"method_options": options(m), **optimizer_extra(cfg)})
         for m in methods for mb, ga in shapes for ck in ckpts
     ]
 
@@ -280,7 +285,7 @@ def apply_plan(cfg, plan: Plan):
 def recipe_from_config(cfg, device: torch.device) -> Recipe:
     return Recipe(
         method=cfg.method.name, lora_r=getattr(cfg.method, "r", 16),
-        extra={"method_options": dataclasses.asdict(cfg.method), "galore_rank": cfg.optim.rank},
+        extra={"method_options": dataclasses.asdict(cfg.method), **optimizer_extra(cfg)},
         micro_batch=cfg.train.micro_batch,
         grad_accum=cfg.train.grad_accum, seq_len=cfg.data.seq_len, gradient_checkpointing=cfg.model.gradient_checkpointing,
         precision="bf16-mixed" if device.type == "cuda" else "fp32", optimizer=cfg.optim.name, packed=cfg.data.pack,
