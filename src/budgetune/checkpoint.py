@@ -1,7 +1,7 @@
 """Atomic checkpoints and exact resume.
 
 A checkpoint is a folder `checkpoints/step-NNNNNNNN/` holding:
-  trainable.safetensors  every trainable parameter (full model for full FT, adapter for LoRA)
+  trainable.safetensors  the method's saved parameters (full model for full FT and LISA, adapter for LoRA)
   optimizer.pt           optimizer state (loaded with weights_only=True: no code runs)
   rng.safetensors        torch RNG states
   state.json             step, budget consumed, schedule progress, data position — written last
@@ -40,8 +40,6 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -52,15 +50,15 @@ def rng_state() -> dict[str, torch.Tensor]:
     return state
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer, state: dict, keep: int = 2) -> Path:
-    """Write checkpoint `step` atomically under root; prune to the newest `keep`."""
+def save_checkpoint(root: Path, step: int, params: dict, optimizer, state: dict, keep: int = 2) -> Path:
+    """Write checkpoint `step` (named parameters, optimizer, RNG, state) atomically under root; keep the newest `keep`."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file({n: p.detach().contiguous().cpu() for n, p in params.items()}, str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         save_file(rng_state(), str(tmp / "rng.safetensors"))
         state = dict(state, step=step, python_random=list(random.getstate()[1]))
@@ -88,10 +86,13 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def load_checkpoint(path: Path, model, optimizer) -> dict:
-    """Restore parameters, optimizer and RNG from `path`; return its state dict."""
+def peek_step(path: Path) -> int:
+    return json.loads((path / "state.json").read_text())["step"]
+
+
+def load_checkpoint(path: Path, named: dict, optimizer) -> dict:
+    """Restore the named parameters, optimizer and RNG from `path`; return its state dict."""
     params = load_file(str(path / "trainable.safetensors"))
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(params) != set(named):
         missing, extra = sorted(set(named) - set(params)), sorted(set(params) - set(named))
         raise BudgetuneError(

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .budget import Budget, BudgetClock
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import list_checkpoints, load_checkpoint, peek_step, save_checkpoint
 from .config import Config, dump_config, load_config, parse_interval
 from .console import TrainProgress, quiet_libraries, say
 from .data import IGNORE, prepare_data
@@ -114,6 +114,11 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
     if method.adapter and cfg.model.init == "scratch" and main and not resume:
         model.save_pretrained(str(run.base))  # the adapter's base must be reloadable
     model = method.prepare(model, cfg.method)
+    if method.switches and world > 1:
+        raise BudgetuneError(f"method {cfg.method.name!r} changes its trainable layers during training, which "
+                             "distributed data parallel cannot follow; run it on one process")
+    latest = list_checkpoints(run.checkpoints)[-1] if resume and list_checkpoints(run.checkpoints) else None
+    method.select(model, cfg.method, peek_step(latest) if latest else 0)  # what trains at the (re)start
     if cfg.model.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     trainable, total = count_parameters(model)
@@ -136,9 +141,8 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
     state: dict = {}
     if main and not resume:
         dump_config(cfg, run.config)
-    if resume and list_checkpoints(run.checkpoints):
-        latest = list_checkpoints(run.checkpoints)[-1]
-        state = load_checkpoint(latest, raw_model, optimizer)
+    if latest is not None:
+        state = load_checkpoint(latest, method.saved_parameters(raw_model), optimizer)
         clock.load_state_dict(state["clock"])
         sampler.position = state["data_position"]
         log(f"resumed from {latest} (step {clock.steps}, {format_duration(clock.elapsed())} of budget used)")
@@ -167,7 +171,7 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
         nonlocal save_rate
         t = time.monotonic()
         if main:
-            save_checkpoint(run.checkpoints, step, raw_model, optimizer, {
+            save_checkpoint(run.checkpoints, step, method.saved_parameters(raw_model), optimizer, {
                 "clock": clock.state_dict(), "data_position": sampler.position, "eval_loss_before": loss_before,
             }, keep=cfg.checkpoint.keep)
         accelerator.wait_for_everyone()
@@ -223,6 +227,8 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else None
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if method.select(raw_model, cfg.method, clock.steps):  # e.g. LISA samples new layers
+                optimizer = accelerator.prepare(build_optimizer(raw_model, cfg.optim, method.lr_scales(cfg.method)))
 
             loss_value = reduce_sum(loss_sum).item() / max(targets, 1.0)
             seconds = previous_step_s = time.monotonic() - t0

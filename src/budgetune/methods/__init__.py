@@ -26,6 +26,16 @@ class Method:
         """Freeze/wrap the model for training; return the model to train."""
         raise NotImplementedError
 
+    switches = False  # True: the set of trainable parameters changes during training (LISA)
+
+    def select(self, model, opts, step: int) -> bool:
+        """Choose what trains from `step` on; True if that changed (the loop rebuilds the optimizer)."""
+        return False
+
+    def saved_parameters(self, model) -> dict:
+        """Parameters a checkpoint must hold to resume exactly: by default the trainable ones."""
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
     def lr_scales(self, opts) -> dict[str, float]:
         """Learning-rate multipliers by parameter-name substring (e.g. LoRA+: {"lora_B": 16})."""
         return {}
@@ -51,4 +61,4 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-from . import full, lora, peft_tuners  # noqa: E402,F401  (registration)
+from . import full, lisa, lora, peft_tuners  # noqa: E402,F401  (registration)

@@ -250,6 +250,9 @@ def lora_linears(arch: _Arch, targets: tuple[str, ...]) -> list[_Linear]:
 def trainable_parameters(arch: _Arch, recipe: Recipe) -> int:
     if recipe.method == "full":
         return arch.parameters
+    if recipe.method == "lisa":
+        gamma = min(arch.layers, recipe.extra.get("method_options", {}).get("layers", 2))
+        return arch.parameters - (arch.layers - gamma) * arch.layer_parameters
     if recipe.method in LORA_FAMILY:
         linears = lora_linears(arch, recipe.lora_targets)
         dora = arch.layers * sum(lin.out_features for lin in linears) if recipe.method == "dora" else 0  # magnitude vectors
@@ -322,7 +325,8 @@ def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_b
         raise ValueError(f"memory model: unknown optimizer {recipe.optimizer!r}")
     arch = architecture(config)
     cuda = device_type == "cuda"
-    adapter = recipe.method != "full"
+    lisa = recipe.method == "lisa"  # full-precision weights like full FT, but γ layers train at a time
+    adapter = recipe.method not in ("full", "lisa")
     world = max(1, recipe.world_size)
     zero = recipe.zero_stage if world > 1 else 0
     b, t = recipe.micro_batch, recipe.seq_len
@@ -331,7 +335,7 @@ def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_b
     # weights: models.weights_dtype — bf16 frozen base only for adapters on CUDA
     # a formula for full FT and the LoRA family; other adapters are counted (their small
     # activations are not modelled, as for DoRA's weight norm)
-    formula = recipe.method == "full" or recipe.method in LORA_FAMILY
+    formula = recipe.method in ("full", "lisa") or recipe.method in LORA_FAMILY
     trainable = trainable_parameters(arch, recipe) if formula else counted_trainable_parameters(config, recipe)
     base_bytes = 2 if (cuda and adapter) else 4
     weights = arch.parameters * base_bytes + (trainable * 4 if adapter else 0)
@@ -358,6 +362,8 @@ def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_b
     else:
         g_layer, g_embed = arch.layer_parameters, arch.embedding_parameters
         g_head = arch.parameters - arch.layers * arch.layer_parameters - arch.embedding_parameters  # lm_head + final norm
+        if lisa:  # only the active layers' share of the layer gradients, spread over the stack
+            g_layer = (trainable - g_embed - g_head) // arch.layers
     g_total = grads(trainable)
 
     # activations

@@ -202,7 +202,7 @@ def make_plan(cfg, probe_steps: int | None = None, log=print) -> Plan:
         total, n_matmul, n_trainable = counts[recipe.method]
         memory = estimate_memory(config, recipe, device.type)
         fpt = step_flops_per_token(config, recipe, n_matmul, n_trainable)
-        c = Candidate(recipe, memory, n_trainable if recipe.method != "full" else total, fpt, achieved / fpt)
+        c = Candidate(recipe, memory, memory.trainable, fpt, achieved / fpt)
         if memory.total > memory_budget:
             biggest = max(memory.terms, key=memory.terms.get)
             c.fits, c.why_not = False, (f"needs {format_bytes(memory.total)} > {format_bytes(memory_budget)} "
