@@ -1,6 +1,7 @@
 """FP8-state AdamW (COAT-style dynamic range expansion): quantisation error bound, update
 fidelity against fp32 AdamW, state bytes, checkpoint round trip and training."""
 
+import importlib
 import pytest
 import torch
 
@@ -72,7 +73,7 @@ def test_state_dict_round_trip():
 
 
 def test_trains_and_resumes_through_budgetune(tmp_path, monkeypatch):
-    import budgetune.train as train_module
+    train_module = importlib.import_module("budgetune.train")  # the module, not the function
     from budgetune.checkpoint import list_checkpoints
     from safetensors.torch import load_file
 

@@ -1,10 +1,11 @@
 """LISA: which layers train, that only they change, that state follows them, and exact resume."""
 
+import importlib
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import budgetune.train as train_module
+train_module = importlib.import_module("budgetune.train")  # the module: `budgetune.train` is the function
 from budgetune.checkpoint import list_checkpoints
 from budgetune.methods.lisa import LisaOptions, active_layers
 from budgetune.train import train

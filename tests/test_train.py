@@ -1,5 +1,6 @@
 """End to end: train, checkpoint, resume, budgets — on tiny random-init models."""
 
+import importlib
 import json
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import budgetune.train as train_module
+train_module = importlib.import_module("budgetune.train")  # the module: `budgetune.train` is the function
 from budgetune.checkpoint import list_checkpoints
 from budgetune.errors import BudgetuneError
 from budgetune.metrics import read_metrics
@@ -107,3 +108,13 @@ def test_gradient_accumulation_matches_larger_batch(tmp_path, corpus):
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
     assert one["tokens"] == two["tokens"]
+
+
+def test_python_api_functions_survive_submodule_imports(tmp_path, corpus):
+    import budgetune
+    import budgetune.evaluate  # noqa: F401  (would shadow the function if the package imported lazily)
+
+    first = budgetune.train(tiny_config(tmp_path / "a", corpus, budget={"steps": 2}), quiet=True)
+    second = budgetune.train(tiny_config(tmp_path / "b", corpus, budget={"steps": 2}), quiet=True)
+    assert first["steps"] == second["steps"] == 2
+    assert budgetune.evaluate(tmp_path / "a" / "run")["eval_loss"] == pytest.approx(first["eval_loss_after"], rel=1e-4)

@@ -69,7 +69,7 @@ def load_trained(run_dir: str | Path, device: str | torch.device = "cpu"):
     cfg = load_config(run.config)
     tokenizer = AutoTokenizer.from_pretrained(str(run.model))
     method = get_method(cfg.method.name)
-    if method.adapter:
+    if method.output == "adapter":
         from peft import PeftModel
 
         base_path = str(run.base) if run.base.exists() else cfg.model.name

@@ -25,21 +25,21 @@ def export(run_dir: str | Path, merge: bool = False, out: str | Path | None = No
     run.require_model()
     cfg = load_config(run.config)
     method = get_method(cfg.method.name)
-    kind = "merged" if merge else ("adapter" if method.adapter else "model")
+    kind = "merged" if merge else method.output
     target = Path(out) if out else run.path / "export" / kind
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise BudgetuneError(f"export target {target} already exists; pass --overwrite or choose --out")
     tmp = target.with_name(f".tmp-{target.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    if merge and method.adapter:
+    if merge and method.output == "adapter":
         model, tokenizer, _ = load_trained(run.path)
         model = method.merged(model)
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
     else:
         shutil.copytree(run.model, tmp)
-        if method.adapter and run.base.exists():
+        if method.output == "adapter" and run.base.exists():
             _point_adapter_at(tmp, run.base.resolve())
     if target.exists():
         shutil.rmtree(target)

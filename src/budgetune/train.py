@@ -111,7 +111,7 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
         tokenizer = load_tokenizer(cfg, log=log)
     method = get_method(cfg.method.name)
     model = load_model(cfg, tokenizer, device, frozen_base=method.adapter)
-    if method.adapter and cfg.model.init == "scratch" and main and not resume:
+    if method.output == "adapter" and cfg.model.init == "scratch" and main and not resume:
         model.save_pretrained(str(run.base))  # the adapter's base must be reloadable
     model = method.prepare(model, cfg.method)
     if method.switches and world > 1:

@@ -20,7 +20,8 @@ from ..config import MethodOptions
 class Method:
     name: str = ""
     Options: type = MethodOptions
-    adapter: bool = False  # True: the output is an adapter over a frozen base (peft format)
+    adapter: bool = False  # True: a frozen base with trained additions (its weights stay bf16 on a GPU)
+    output: str = "model"  # what save_pretrained writes: "model" (transformers folder) or "adapter" (peft folder)
 
     def prepare(self, model, opts):
         """Freeze/wrap the model for training; return the model to train."""
@@ -61,4 +62,4 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-from . import full, lisa, lora, peft_tuners  # noqa: E402,F401  (registration)
+from . import full, lisa, lora, peft_tuners, tied_lora  # noqa: E402,F401  (registration)

@@ -33,6 +33,7 @@ class Lora(Method):
     name = "lora"
     Options = LoraOptions
     adapter = True
+    output = "adapter"
 
     def peft_config(self, opts):
         from peft import LoraConfig

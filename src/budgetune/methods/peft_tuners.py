@@ -19,6 +19,7 @@ class PeftTuner(Method):
     """A peft adapter method: `peft_config(opts)` is all a subclass provides."""
 
     adapter = True
+    output = "adapter"
 
     def peft_config(self, opts):
         raise NotImplementedError
