@@ -322,6 +322,12 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'schedule.decay': must be in (0, 1], got {cfg.schedule.decay}")
     if cfg.schedule.name not in PROFILES:
         raise ConfigError(f"config key 'schedule.name': unknown schedule {cfg.schedule.name!r} (known: {', '.join(PROFILES)})")
+    if cfg.optim.name == "lomo" and cfg.train.grad_accum > 1:
+        raise ConfigError("optim.name 'lomo' updates each weight during backward: it needs train.grad_accum 1")
+    from .methods import METHODS
+
+    if cfg.optim.name == "lomo" and METHODS[cfg.method.name].switches:
+        raise ConfigError(f"optim.name 'lomo' cannot follow method {cfg.method.name!r}, which changes what trains; use adamw")
     if cfg.optim.name not in OPTIMIZERS:
         raise ConfigError(f"config key 'optim.name': unknown optimizer {cfg.optim.name!r} (known: {', '.join(OPTIMIZERS)})")
     for key in ("eval.every", "checkpoint.every"):

@@ -114,6 +114,9 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
     if method.output == "adapter" and cfg.model.init == "scratch" and main and not resume:
         model.save_pretrained(str(run.base))  # the adapter's base must be reloadable
     model = method.prepare(model, cfg.method)
+    if cfg.optim.name == "lomo" and world > 1:
+        raise BudgetuneError("optim.name 'lomo' updates weights inside backward, before data parallel averages the "
+                             "gradients; run it on one process")
     if method.switches and world > 1:
         raise BudgetuneError(f"method {cfg.method.name!r} changes its trainable layers during training, which "
                              "distributed data parallel cannot follow; run it on one process")

@@ -88,7 +88,7 @@ from .recipe import Recipe
 MiB = 2**20
 DEFAULT_OVERHEAD = {"cpu": 400 * MiB, "cuda": 1024 * MiB}
 RUNTIME = {"cpu": 16 * MiB, "cuda": 0}  # first-step costs above the post-import baseline (module doc)
-STATE_COPIES = {"adamw": 2, "sgd": 1, "adamw_fp8": 2 * (1 + 8 / 256) / 4}  # fp8: 1 byte + 8 per 256-group, per moment
+STATE_COPIES = {"adamw": 2, "sgd": 1, "lomo": 0, "adamw_fp8": 2 * (1 + 8 / 256) / 4}  # fp8: 1 byte + 8 per 256-group, per moment
 LORA_FAMILY = ("lora", "rslora", "dora", "loraplus")  # same adapter shapes (DoRA adds a magnitude vector); DoRA's
 # extra activations (the weight-norm of W + BA per layer) are not modelled  # fp32 optimizer states per trainable parameter
 TERMS = ("weights", "gradients", "optimizer_states", "activations", "attention_mask", "logits_loss", "workspace",
@@ -365,6 +365,9 @@ def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_b
         if lisa:  # only the active layers' share of the layer gradients, spread over the stack
             g_layer = (trainable - g_embed - g_head) // arch.layers
     g_total = grads(trainable)
+    if recipe.optimizer == "lomo":  # each gradient is applied and freed as soon as it is complete
+        g_layer = g_head = g_embed = 0
+        g_total = grads(arch.largest_parameter)
 
     # activations
     act = 2 if (cuda and recipe.precision == "bf16-mixed") else 4

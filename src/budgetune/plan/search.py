@@ -170,6 +170,8 @@ def candidate_recipes(cfg, device: torch.device) -> list[Recipe]:
         shapes = [(cfg.train.micro_batch, cfg.train.grad_accum)]
     else:
         shapes = [(mb, rows_per_step // mb) for mb in (1, 2, 4, 8, 16, 32, 64) if rows_per_step % mb == 0]
+    if cfg.optim.name == "lomo":  # updates inside backward: no accumulation possible
+        shapes = [(mb * ga, 1) for mb, ga in shapes if ga == 1] or [(rows_per_step, 1)]
     ckpts = [cfg.model.gradient_checkpointing] if "model.gradient_checkpointing" in pinned else [False, True]
     r = getattr(cfg.method, "r", 16)
 
