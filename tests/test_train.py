@@ -98,6 +98,8 @@ def test_existing_run_is_not_overwritten(tmp_path, corpus):
         train(cfg, quiet=True)
     assert (tmp_path / "run" / "summary.json").read_text() == before
     train(cfg, quiet=True, overwrite=True)
+    cfg["output"]["overwrite"] = True  # the config key works like --overwrite
+    train(cfg, quiet=True)
 
 
 def test_gradient_accumulation_matches_larger_batch(tmp_path, corpus):

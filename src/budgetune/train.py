@@ -83,6 +83,7 @@ def train(config: str | Path | dict | Config | None = None, overrides=None, *, r
     run = RunDir(Path(cfg.output.dir))
     accelerator = _accelerator(cfg)
     main = accelerator.is_main_process
+    overwrite = overwrite or cfg.output.overwrite
     run.check(resume, overwrite)
     if main:
         run.prepare(resume, overwrite)
