@@ -53,3 +53,38 @@ def tiny_config(tmp: Path, data, **sections) -> dict:
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)
     return cfg
+
+
+def interrupted_and_uninterrupted(tmp: Path, data, monkeypatch, **sections) -> tuple[dict, dict]:
+    """Final trainable weights of (an uninterrupted run, a run killed right after its first
+    periodic checkpoint and resumed) — the same config, the same seed."""
+    import importlib
+
+    from safetensors.torch import load_file
+
+    from budgetune.checkpoint import list_checkpoints
+    from budgetune.train import train
+
+    train_module = importlib.import_module("budgetune.train")  # the module: `budgetune.train` is the function
+    train(tiny_config(tmp / "a", data, **sections), quiet=True)
+    real_save = train_module.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    config_b = tiny_config(tmp / "b", data, **sections)
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    try:
+        train(config_b, quiet=True)
+        raise AssertionError("the run was not interrupted")
+    except KeyboardInterrupt:
+        pass
+    assert len(list_checkpoints(tmp / "b" / "run" / "checkpoints")) == 1
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    train(config_b, resume=True, quiet=True)
+
+    def final(run: Path) -> dict:
+        return load_file(str(list_checkpoints(run / "checkpoints")[-1] / "trainable.safetensors"))
+
+    return final(tmp / "a" / "run"), final(tmp / "b" / "run")

@@ -1,14 +1,12 @@
 """FP8-state AdamW (COAT-style dynamic range expansion): quantisation error bound, update
 fidelity against fp32 AdamW, state bytes, checkpoint round trip and training."""
 
-import importlib
 import pytest
 import torch
 
 from budgetune.optim.fp8_adamw import FP8AdamW, dequantize, quantize, state_bytes
-from budgetune.train import train
 
-from helpers import tiny_config, write_text_corpus
+from helpers import interrupted_and_uninterrupted, write_text_corpus
 
 
 @pytest.mark.parametrize("spread", [0.1, 1.0, 3.0])
@@ -73,31 +71,13 @@ def test_state_dict_round_trip():
 
 
 def test_trains_and_resumes_through_budgetune(tmp_path, monkeypatch):
-    train_module = importlib.import_module("budgetune.train")  # the module, not the function
-    from budgetune.checkpoint import list_checkpoints
-    from safetensors.torch import load_file
-
     corpus = write_text_corpus(tmp_path / "corpus")
     cfg = dict(optim={"name": "adamw_fp8", "lr": 3e-3}, budget={"steps": 10}, checkpoint={"every": 0.4, "keep": 3})
-    summary = train(tiny_config(tmp_path / "a", corpus, **cfg), quiet=True)
-    assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.5
-
-    real_save = train_module.save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
-    config_b = tiny_config(tmp_path / "b", corpus, **cfg)
-    with pytest.raises(KeyboardInterrupt):
-        train(config_b, quiet=True)
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
-    train(config_b, resume=True, quiet=True)
-    a = load_file(str(list_checkpoints(tmp_path / "a" / "run" / "checkpoints")[-1] / "trainable.safetensors"))
-    b = load_file(str(list_checkpoints(tmp_path / "b" / "run" / "checkpoints")[-1] / "trainable.safetensors"))
+    a, b = interrupted_and_uninterrupted(tmp_path, corpus, monkeypatch, **cfg)
     for name in a:
         assert torch.equal(a[name], b[name]), name
+    summary = __import__("json").loads((tmp_path / "a" / "run" / "summary.json").read_text())
+    assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.5
 
 
 def test_memory_model_knows_fp8_states():

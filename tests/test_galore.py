@@ -1,6 +1,5 @@
 """GaLore: projection, projected moments and update against hand computation; training; memory."""
 
-import pytest
 import torch
 
 from budgetune.optim.galore import GaLoreAdamW

@@ -1,16 +1,12 @@
 """LISA: which layers train, that only they change, that state follows them, and exact resume."""
 
-import importlib
 import pytest
 import torch
-from safetensors.torch import load_file
 
-train_module = importlib.import_module("budgetune.train")  # the module: `budgetune.train` is the function
-from budgetune.checkpoint import list_checkpoints
 from budgetune.methods.lisa import LisaOptions, active_layers
 from budgetune.train import train
 
-from helpers import tiny_config, write_text_corpus
+from helpers import interrupted_and_uninterrupted, tiny_config, write_text_corpus
 
 
 @pytest.fixture(scope="module")
@@ -52,23 +48,9 @@ def test_only_active_layers_embeddings_and_head_change(tmp_path, corpus, monkeyp
 
 
 def test_resume_equals_uninterrupted_across_switches(tmp_path, corpus, monkeypatch):
-    cfg = dict(method={"name": "lisa", "layers": 1, "interval": 3}, budget={"steps": 10}, checkpoint={"every": 0.5, "keep": 3},
-               model={"arch": {"num_hidden_layers": 4}})
-    train(tiny_config(tmp_path / "a", corpus, **cfg), quiet=True)
-    real_save = train_module.save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
-    config_b = tiny_config(tmp_path / "b", corpus, **cfg)
-    with pytest.raises(KeyboardInterrupt):
-        train(config_b, quiet=True)
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
-    train(config_b, resume=True, quiet=True)
-    a = load_file(str(list_checkpoints(tmp_path / "a" / "run" / "checkpoints")[-1] / "trainable.safetensors"))
-    b = load_file(str(list_checkpoints(tmp_path / "b" / "run" / "checkpoints")[-1] / "trainable.safetensors"))
+    a, b = interrupted_and_uninterrupted(tmp_path, corpus, monkeypatch, method={"name": "lisa", "layers": 1, "interval": 3},
+                                         budget={"steps": 10}, checkpoint={"every": 0.5, "keep": 3},
+                                         model={"arch": {"num_hidden_layers": 4}})
     assert len(a) > 10  # every weight is checkpointed, not only the active layers
     for name in a:
         assert torch.equal(a[name], b[name]), name

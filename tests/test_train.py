@@ -1,6 +1,5 @@
 """End to end: train, checkpoint, resume, budgets — on tiny random-init models."""
 
-import importlib
 import json
 
 import pytest
@@ -8,13 +7,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-train_module = importlib.import_module("budgetune.train")  # the module: `budgetune.train` is the function
 from budgetune.checkpoint import list_checkpoints
 from budgetune.errors import BudgetuneError
 from budgetune.metrics import read_metrics
 from budgetune.train import train
 
-from helpers import tiny_config, write_chat_jsonl, write_text_corpus
+from helpers import interrupted_and_uninterrupted, tiny_config, write_chat_jsonl, write_text_corpus
 
 
 @pytest.fixture(scope="module")
@@ -52,26 +50,8 @@ def _final_weights(run):
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_resume_equals_uninterrupted(tmp_path, corpus, monkeypatch, method):
-    cfg = dict(budget={"steps": 10}, checkpoint={"every": 0.4, "keep": 3}, method={"name": method})
-    train(tiny_config(tmp_path / "a", corpus, **cfg), quiet=True)
-
-    # interrupt the second run right after its first periodic checkpoint (step 4)
-    real_save = train_module.save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
-    config_b = tiny_config(tmp_path / "b", corpus, **cfg)
-    with pytest.raises(KeyboardInterrupt):
-        train(config_b, quiet=True)
-    assert [p.name for p in list_checkpoints(tmp_path / "b" / "run" / "checkpoints")] == ["step-00000004"]
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
-    summary = train(config_b, resume=True, quiet=True)
-    assert summary["steps"] == 10
-
-    a, b = _final_weights(tmp_path / "a" / "run"), _final_weights(tmp_path / "b" / "run")
+    a, b = interrupted_and_uninterrupted(tmp_path, corpus, monkeypatch, budget={"steps": 10},
+                                         checkpoint={"every": 0.4, "keep": 3}, method={"name": method})
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
