@@ -22,6 +22,7 @@ import math
 import torch
 
 from . import register
+from .base import PerParameterOptimizer, adam_direction, decoupled_decay
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -56,7 +57,7 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, k: torch.Tensor, like: 
     return x.flatten()[: like.numel()].view_as(like)
 
 
-class FP8AdamW(torch.optim.Optimizer):
+class FP8AdamW(PerParameterOptimizer):
     """AdamW whose first and second moments are stored in FP8 with dynamic range expansion."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, group_size=256):
@@ -77,36 +78,17 @@ class FP8AdamW(torch.optim.Optimizer):
     def _store(self, state, key, value, group_size):
         state[f"{key}_q"], state[f"{key}_scale"], state[f"{key}_k"] = quantize(value, group_size)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad.float()
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    m = torch.zeros_like(grad)
-                    v = torch.zeros_like(grad)
-                else:
-                    m, v = self._load(state, "m", grad), self._load(state, "v", grad)
-                state["step"] += 1
-                t = state["step"].item()
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                m.lerp_(grad, 1 - beta1)
-                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denom = (v / (1 - beta2**t)).sqrt_().add_(group["eps"])
-                p.addcdiv_((m / (1 - beta1**t)).to(p.dtype), denom.to(p.dtype), value=-group["lr"])
-                self._store(state, "m", m, group["group_size"])
-                self._store(state, "v", v, group["group_size"])
-        return loss
+    def update(self, p, grad, state, group, index):
+        if "m_q" in state:
+            m, v = self._load(state, "m", grad), self._load(state, "v", grad)
+        else:
+            m, v = torch.zeros_like(grad), torch.zeros_like(grad)
+        state["step"] += 1
+        direction = adam_direction(m, v, grad, group, int(state["step"].item()))
+        decoupled_decay(p, group)
+        p.add_(direction.to(p.dtype), alpha=-group["lr"])
+        self._store(state, "m", m, group["group_size"])
+        self._store(state, "v", v, group["group_size"])
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:

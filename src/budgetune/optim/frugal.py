@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import register
+from .base import adam_direction, decoupled_decay
 from .galore import GaLoreAdamW
 
 
@@ -24,6 +25,7 @@ class FrugalOptimizer(GaLoreAdamW):
         torch.optim.Optimizer.__init__(self, params, dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, update_gap=update_gap, scale=scale,
             subspace=subspace, density=density, sign_lr_ratio=sign_lr_ratio, seed=seed))
+        self._blocks: dict[int, tuple[int, set[int]]] = {}  # group → (period, matrices with Adam in it)
 
     def _random_projection(self, grad: torch.Tensor, rank: int, seed: int) -> torch.Tensor:
         side = min(grad.shape)
@@ -33,69 +35,47 @@ class FrugalOptimizer(GaLoreAdamW):
 
     def _active_blocks(self, group, period: int) -> set[int]:
         """Indices of the matrices that get Adam during this period (a seeded cyclic choice)."""
+        cached = self._blocks.get(id(group))
+        if cached is None or cached[0] != period:
+            cached = self._blocks[id(group)] = (period, self._choose_blocks(group, period))
+        return cached[1]
+
+    @staticmethod
+    def _choose_blocks(group, period: int) -> set[int]:
         matrices = [i for i, p in enumerate(group["params"]) if p.ndim == 2]
         n = max(1, round(group["density"] * len(matrices)))
         order = torch.randperm(len(matrices), generator=torch.Generator().manual_seed(group["seed"])).tolist()
         start = (period * n) % max(1, len(matrices))
         return {matrices[order[(start + j) % len(matrices)]] for j in range(min(n, len(matrices)))}
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            rank, gap, lr = group["rank"], group["update_gap"], group["lr"]
-            blocks = None
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                grad = p.grad.float()
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                t = int(state["step"].item())
-                if p.ndim == 2 and group["subspace"] == "blocks":
-                    if blocks is None:
-                        blocks = self._active_blocks(group, t // gap)
-                    if i not in blocks:  # state-free: signSGD on the whole gradient, moments dropped
-                        state.pop("exp_avg", None), state.pop("exp_avg_sq", None)
-                        state["step"] += 1
-                        self._decay(p, group)
-                        p.add_(grad.sign().to(p.dtype), alpha=-lr * group["sign_lr_ratio"])
-                        continue
-                    if t % gap == 0:  # a block that (re)enters starts its moments afresh
-                        state.pop("exp_avg", None), state.pop("exp_avg_sq", None)
-                    low, residual = grad, None
-                elif self.projected(p, rank):
-                    if t % gap == 0:
-                        state["projection"] = (self.projection(grad, rank) if group["subspace"] == "svd"
-                                               else self._random_projection(grad, rank, group["seed"] * 1_000_003 + t + i))
-                    proj = state["projection"]
-                    low = self.down(grad, proj)
-                    residual = grad - self.up(low, proj, p.shape)
-                else:
-                    low, residual = grad, None
-                if "exp_avg" not in state:
-                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(low), torch.zeros_like(low)
+    def update(self, p, grad, state, group, index):
+        rank, gap, lr = group["rank"], group["update_gap"], group["lr"]
+        t = int(state["step"].item())
+        residual = None
+        if p.ndim == 2 and group["subspace"] == "blocks":
+            if index not in self._active_blocks(group, t // gap):  # state-free: signSGD, moments dropped
+                state.pop("exp_avg", None), state.pop("exp_avg_sq", None)
                 state["step"] += 1
-                n = int(state["step"].item())
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.lerp_(low, 1 - beta1)
-                v.mul_(beta2).addcmul_(low, low, value=1 - beta2)
-                update = (m / (1 - beta1**n)) / ((v / (1 - beta2**n)).sqrt_().add_(group["eps"]))
-                if residual is not None:
-                    update = group["scale"] * self.up(update, state["projection"], p.shape) + group["sign_lr_ratio"] * residual.sign()
-                self._decay(p, group)
-                p.add_(update.to(p.dtype), alpha=-lr)
-        return loss
-
-    @staticmethod
-    def _decay(p, group):
-        if group["weight_decay"]:
-            p.mul_(1 - group["lr"] * group["weight_decay"])
+                decoupled_decay(p, group)
+                p.add_(grad.sign().to(p.dtype), alpha=-lr * group["sign_lr_ratio"])
+                return
+            if t % gap == 0:  # a block that (re)enters starts its moments afresh
+                state.pop("exp_avg", None), state.pop("exp_avg_sq", None)
+        elif self.projected(p, rank):
+            if t % gap == 0:
+                state["projection"] = (self.projection(grad, rank) if group["subspace"] == "svd"
+                                       else self._random_projection(grad, rank, group["seed"] * 1_000_003 + t + index))
+            low = self.down(grad, state["projection"])
+            residual = grad - self.up(low, state["projection"], p.shape)
+            grad = low
+        if "exp_avg" not in state:
+            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(grad), torch.zeros_like(grad)
+        state["step"] += 1
+        direction = adam_direction(state["exp_avg"], state["exp_avg_sq"], grad, group, int(state["step"].item()))
+        if residual is not None:
+            direction = group["scale"] * self.up(direction, state["projection"], p.shape) + group["sign_lr_ratio"] * residual.sign()
+        decoupled_decay(p, group)
+        p.add_(direction.to(p.dtype), alpha=-lr)
 
 
 @register("frugal")

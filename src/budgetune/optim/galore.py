@@ -15,9 +15,10 @@ from __future__ import annotations
 import torch
 
 from . import register
+from .base import PerParameterOptimizer, adam_direction, decoupled_decay
 
 
-class GaLoreAdamW(torch.optim.Optimizer):
+class GaLoreAdamW(PerParameterOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, rank=128, update_gap=200, scale=0.25):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, update_gap=update_gap, scale=scale))
 
@@ -39,43 +40,21 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def up(update: torch.Tensor, proj: torch.Tensor, shape) -> torch.Tensor:
         return proj @ update if shape[0] <= shape[1] else update @ proj.T
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            rank = group["rank"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad.float()
-                state = self.state[p]
-                projected = self.projected(p, rank)
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                t = int(state["step"].item())
-                if projected and t % group["update_gap"] == 0:
-                    state["projection"] = self.projection(grad, rank)
-                if projected:
-                    grad = self.down(grad, state["projection"])
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(grad)
-                    state["exp_avg_sq"] = torch.zeros_like(grad)
-                state["step"] += 1
-                t += 1
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.lerp_(grad, 1 - beta1)
-                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                update = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt_().add_(group["eps"]))
-                if projected:
-                    update = group["scale"] * self.up(update, state["projection"], p.shape)
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-group["lr"])
-        return loss
+    def update(self, p, grad, state, group, index):
+        projected = self.projected(p, group["rank"])
+        t = int(state["step"].item())
+        if projected and t % group["update_gap"] == 0:
+            state["projection"] = self.projection(grad, group["rank"])
+        if projected:
+            grad = self.down(grad, state["projection"])
+        if "exp_avg" not in state:
+            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(grad), torch.zeros_like(grad)
+        state["step"] += 1
+        direction = adam_direction(state["exp_avg"], state["exp_avg_sq"], grad, group, t + 1)
+        if projected:
+            direction = group["scale"] * self.up(direction, state["projection"], p.shape)
+        decoupled_decay(p, group)
+        p.add_(direction.to(p.dtype), alpha=-group["lr"])
 
 
 @register("galore")

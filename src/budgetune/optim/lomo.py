@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import register
+from .base import decoupled_decay
 
 
 class Lomo(torch.optim.Optimizer):
@@ -33,8 +34,7 @@ class Lomo(torch.optim.Optimizer):
                 norm = grad.norm()
                 if norm > group["grad_clip"]:
                     grad = grad * (group["grad_clip"] / (norm + 1e-6))
-            if group["weight_decay"]:
-                p.mul_(1 - group["lr"] * group["weight_decay"])
+            decoupled_decay(p, group)
             p.add_(grad, alpha=-group["lr"])
             p.grad = None
 
