@@ -1,4 +1,4 @@
-"""Parsing human quantities: durations (`90s`, `10m`, `2h`) and counts (`5M`, `1.5e9`)."""
+"""Parsing human quantities: durations (`90s`, `10m`, `2h`), counts (`5M`, `1.5e9`), sizes (`24GB`)."""
 
 from __future__ import annotations
 
@@ -10,30 +10,27 @@ _COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*([kmgbt])?\s*$", re.
 _SCALE = {None: 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9, "t": 10**12}
 
 
-def parse_duration(value: str | float | int) -> float:
-    """Seconds from `90`, `90s`, `1.5m`, `2h`. Raises ValueError on anything else."""
+def _parse(value: str | float | int, pattern: re.Pattern, scales: dict, what: str, examples: str) -> float:
+    """A number with an optional unit suffix (case-insensitive); plain numbers pass through."""
     if isinstance(value, bool):
-        raise ValueError(f"not a duration: {value!r}")
+        raise ValueError(f"not a {what}: {value!r}")
     if isinstance(value, (int, float)):
         return float(value)
-    match = _DURATION.match(str(value))
+    match = pattern.match(str(value))
     if not match:
-        raise ValueError(f"not a duration: {value!r} (use e.g. 90s, 10m, 2h)")
+        raise ValueError(f"not a {what}: {value!r} (use e.g. {examples})")
     number, unit = match.groups()
-    return float(number) * _SECONDS[unit.lower() if unit else None]
+    return float(number) * scales[unit.lower() if unit else None]
+
+
+def parse_duration(value: str | float | int) -> float:
+    """Seconds from `90`, `90s`, `1.5m`, `2h`. Raises ValueError on anything else."""
+    return _parse(value, _DURATION, _SECONDS, "duration", "90s, 10m, 2h")
 
 
 def parse_count(value: str | float | int) -> float:
     """A count from `1000`, `5M`, `1.5e9`, `2B`. Raises ValueError on anything else."""
-    if isinstance(value, bool):
-        raise ValueError(f"not a count: {value!r}")
-    if isinstance(value, (int, float)):
-        return float(value)
-    match = _COUNT.match(str(value))
-    if not match:
-        raise ValueError(f"not a count: {value!r} (use e.g. 5M, 2e9)")
-    number, unit = match.groups()
-    return float(number) * _SCALE[unit.lower() if unit else None]
+    return _parse(value, _COUNT, _SCALE, "count", "5M, 2e9")
 
 
 _BYTES = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(b|kb|mb|gb|tb|kib|mib|gib|tib)?\s*$", re.I)
@@ -42,15 +39,7 @@ _BYTE_SCALE = {None: 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10*
 
 def parse_bytes(value: str | float | int) -> float:
     """Bytes from `24GB`, `24GiB`, `512MB` or a plain number. GB means 10^9, GiB 2^30."""
-    if isinstance(value, bool):
-        raise ValueError(f"not a size: {value!r}")
-    if isinstance(value, (int, float)):
-        return float(value)
-    match = _BYTES.match(str(value))
-    if not match:
-        raise ValueError(f"not a size: {value!r} (use e.g. 24GB, 80GiB, 512MB)")
-    number, unit = match.groups()
-    return float(number) * _BYTE_SCALE[unit.lower() if unit else None]
+    return _parse(value, _BYTES, _BYTE_SCALE, "size", "24GB, 80GiB, 512MB")
 
 
 def format_bytes(n: float) -> str:
