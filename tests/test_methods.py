@@ -1,6 +1,7 @@
 """The LoRA family through peft: each variant trains, changes only its adapter, has the
 trainable-parameter count of its formula, resumes, and exports to a merged model."""
 
+import copy
 import math
 
 import pytest
@@ -20,7 +21,7 @@ from budgetune.train import train
 
 from helpers import tiny_config, write_chat_jsonl
 
-LORA_FAMILY = ["lora", "rslora", "dora", "loraplus"]
+LORA_FAMILY = ["lora", "rslora", "dora", "loraplus", "pissa"]
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,43 @@ def test_variant_trains_only_its_adapter_and_exports(tmp_path, chat, name):
     ids = torch.tensor([tokenizer("What is 2 plus 2?")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_pissa_starts_at_the_base_model_and_saves_a_lora_of_the_original_weights(tmp_path):
+    """PiSSA moves the top singular directions into A, B (W = W_res + BA, so the untrained
+    model is the base); the saved adapter is the equivalent plain LoRA on the *original* W."""
+    from transformers import LlamaConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                         num_hidden_layers=1, num_attention_heads=2))
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    original = copy.deepcopy(model)  # PiSSA rewrites W into the residual in place
+    method = METHODS["pissa"]
+    peft_model = method.prepare(model, method.Options(r=4, init="pissa"))
+    q = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q.lora_B["default"].weight.abs().sum() > 0  # unlike LoRA, B starts non-zero
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, before, rtol=1e-4, atol=1e-4)
+
+    # "train" it (perturb A and B), save, and load the result on a fresh copy of the original model
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+        trained = peft_model(input_ids=ids).logits
+    method.save_pretrained(peft_model, tmp_path / "adapter")
+    import json
+
+    from peft import PeftModel
+
+    adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 8 and adapter["init_lora_weights"] is True  # converted: a plain rank-2r LoRA
+    loaded = PeftModel.from_pretrained(original, tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, trained, rtol=1e-4, atol=1e-4)
 
 
 def test_dora_adds_a_magnitude_per_output_feature(tmp_path, chat):

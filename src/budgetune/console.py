@@ -55,6 +55,7 @@ def say(message: str, enabled: bool = True) -> None:
 
 def quiet_libraries() -> None:
     """Our progress bar is the one the user reads: silence the libraries' own tqdm bars."""
+    import logging
     import os
     import warnings
 
@@ -66,6 +67,8 @@ def quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
     # peft still calls transformers' pre-5.0 checkpointing names; the warning is not the user's concern
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.modeling_utils")
+    # bitsandbytes (imported by peft when installed) warns on the CPU about a 4-bit kernel we never use
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def print_plan(plan, limit: int = 12) -> None:

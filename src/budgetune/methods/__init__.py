@@ -62,4 +62,4 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-from . import full, lisa, lora, peft_tuners, tied_lora  # noqa: E402,F401  (registration)
+from . import freeze, full, lisa, lora, peft_tuners, tied_lora  # noqa: E402,F401  (registration)

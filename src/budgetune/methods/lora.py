@@ -5,12 +5,20 @@ Variants are presets of the same options, selectable by name:
   rslora    rank-stabilised scaling α/√r (Kalajdzievski)
   dora      weight-decomposed LoRA: magnitude and direction (Liu et al.)
   loraplus  LoRA with B trained at `plus_ratio` × the learning rate of A (Hayou et al.)
+  pissa     A, B initialised from the top-r singular triplets of W, the residual frozen (Meng et al.)
 peft implements the layers; budgetune only configures them (and LoRA+'s optimizer groups).
+A PiSSA adapter is saved converted to a plain rank-2r LoRA of the *original* weights (peft's
+conversion), so it loads on the unmodified base model like any other adapter.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
 
 from ..config import MethodOptions
 from . import Method, register
@@ -26,6 +34,7 @@ class LoraOptions(MethodOptions):
     rslora: bool = False  # scale by α/√r instead of α/r
     dora: bool = False  # decompose into magnitude and direction
     plus_ratio: float = 1.0  # LoRA+: learning-rate ratio of B over A (≈16 in the paper); 1 = plain
+    init: str = "default"  # "default" (B = 0) or "pissa" / "pissa_niter_N" (fast randomised SVD, N iterations)
 
 
 @register
@@ -46,6 +55,7 @@ class Lora(Method):
             target_modules="all-linear" if targets == ["all-linear"] else targets,
             use_rslora=opts.rslora,
             use_dora=opts.dora,
+            init_lora_weights=True if opts.init == "default" else opts.init,
             task_type="CAUSAL_LM",
         )
 
@@ -95,3 +105,42 @@ class LoraPlusOptions(LoraOptions):
 class LoraPlus(Lora):
     name = "loraplus"
     Options = LoraPlusOptions
+
+
+@dataclass
+class PissaOptions(LoraOptions):
+    name: str = "pissa"
+    init: str = "pissa_niter_16"  # randomised SVD: seconds instead of minutes on 7B-sized matrices
+
+
+@register
+class Pissa(Lora):
+    name = "pissa"
+    Options = PissaOptions
+
+    def prepare(self, model, opts):
+        if not opts.init.startswith("pissa"):
+            from ..errors import ConfigError
+
+            raise ConfigError(f"config key 'method.init': method 'pissa' needs a pissa init, not {opts.init!r}")
+        model = super().prepare(model, opts)
+        # the adapter as initialised: saving needs it to express the result against the original W
+        # (the SVD is seeded, so a resumed run recomputes the same one)
+        model._pissa_init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return model
+
+    def save_pretrained(self, model, path: Path) -> None:
+        holder = Path(tempfile.mkdtemp(prefix=".tmp-pissa-", dir=Path(path).parent))
+        init_dir = holder / "pissa_init"  # peft loads it as an adapter by this (dot-free) name
+        trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        named = dict(model.named_parameters())
+        try:
+            with torch.no_grad():  # write the initial adapter, then put the trained one back
+                for n, t in model._pissa_init.items():
+                    named[n].copy_(t)
+                model.save_pretrained(str(init_dir), safe_serialization=True)
+                for n, t in trained.items():
+                    named[n].copy_(t)
+            model.save_pretrained(str(path), safe_serialization=True, path_initial_model_for_weight_conversion=str(init_dir))
+        finally:
+            shutil.rmtree(holder, ignore_errors=True)

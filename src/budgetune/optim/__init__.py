@@ -46,4 +46,4 @@ def build_optimizer(model, cfg, lr_scales: dict[str, float] | None = None):
     return OPTIMIZERS[cfg.name](param_groups(named, cfg.weight_decay, lr_scales), cfg)
 
 
-from . import fp8_adamw, frugal, galore, lomo  # noqa: E402,F401  (registration)
+from . import adamw_8bit, fp8_adamw, frugal, galore, lomo  # noqa: E402,F401  (registration)

@@ -88,8 +88,9 @@ from .recipe import Recipe
 MiB = 2**20
 DEFAULT_OVERHEAD = {"cpu": 400 * MiB, "cuda": 1024 * MiB}
 RUNTIME = {"cpu": 16 * MiB, "cuda": 0}  # first-step costs above the post-import baseline (module doc)
-STATE_COPIES = {"adamw": 2, "sgd": 1, "lomo": 0, "adamw_fp8": 2 * (1 + 8 / 256) / 4}  # fp8: 1 byte + 8 per 256-group, per moment
-LORA_FAMILY = ("lora", "rslora", "dora", "loraplus")  # same adapter shapes (DoRA adds a magnitude vector); DoRA's
+# fp8: 1 byte + 8 per 256-group, per moment; 8-bit (bitsandbytes): 1 byte + a 4-byte absmax per 256-block
+STATE_COPIES = {"adamw": 2, "sgd": 1, "lomo": 0, "adamw_fp8": 2 * (1 + 8 / 256) / 4, "adamw8bit": 2 * (1 + 4 / 256) / 4}
+LORA_FAMILY = ("lora", "rslora", "dora", "loraplus", "pissa")  # same adapter shapes (DoRA adds a magnitude vector); DoRA's
 # extra activations (the weight-norm of W + BA per layer) are not modelled  # fp32 optimizer states per trainable parameter
 TERMS = ("weights", "gradients", "optimizer_states", "activations", "attention_mask", "logits_loss", "workspace",
          "comm_buffers", "runtime", "overhead")
@@ -253,11 +254,20 @@ def trainable_parameters(arch: _Arch, recipe: Recipe) -> int:
     if recipe.method == "lisa":
         gamma = min(arch.layers, recipe.extra.get("method_options", {}).get("layers", 2))
         return arch.parameters - (arch.layers - gamma) * arch.layer_parameters
+    if recipe.method == "freeze":
+        opts = recipe.extra.get("method_options", {})
+        k = min(arch.layers, opts.get("layers", 2))
+        head = (arch.head_parameters or arch.embedding_parameters) if opts.get("head") else 0
+        return k * arch.layer_parameters + final_norm_parameters(arch) + head
     if recipe.method in LORA_FAMILY:
         linears = lora_linears(arch, recipe.lora_targets)
         dora = arch.layers * sum(lin.out_features for lin in linears) if recipe.method == "dora" else 0  # magnitude vectors
         return arch.layers * sum(recipe.lora_r * (lin.in_features + lin.out_features) for lin in linears) + dora
     raise ValueError(f"memory model: no formula for method {recipe.method!r}")
+
+
+def final_norm_parameters(arch: _Arch) -> int:
+    return arch.parameters - arch.layers * arch.layer_parameters - arch.embedding_parameters - arch.head_parameters
 
 
 def galore_state_elements(arch: _Arch, recipe: Recipe, trainable: int) -> int:
@@ -326,7 +336,8 @@ def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_b
     arch = architecture(config)
     cuda = device_type == "cuda"
     lisa = recipe.method == "lisa"  # full-precision weights like full FT, but γ layers train at a time
-    adapter = recipe.method not in ("full", "lisa")
+    freeze = recipe.method == "freeze"  # full-precision weights; only the top layers train (and keep activations)
+    adapter = recipe.method not in ("full", "lisa", "freeze")
     world = max(1, recipe.world_size)
     zero = recipe.zero_stage if world > 1 else 0
     b, t = recipe.micro_batch, recipe.seq_len
@@ -335,7 +346,7 @@ def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_b
     # weights: models.weights_dtype — bf16 frozen base only for adapters on CUDA
     # a formula for full FT and the LoRA family; other adapters are counted (their small
     # activations are not modelled, as for DoRA's weight norm)
-    formula = recipe.method in ("full", "lisa") or recipe.method in LORA_FAMILY
+    formula = recipe.method in ("full", "lisa", "freeze") or recipe.method in LORA_FAMILY
     trainable = trainable_parameters(arch, recipe) if formula else counted_trainable_parameters(config, recipe)
     base_bytes = 2 if (cuda and adapter) else 4
     weights = arch.parameters * base_bytes + (trainable * 4 if adapter else 0)
@@ -364,6 +375,9 @@ def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_b
         g_head = arch.parameters - arch.layers * arch.layer_parameters - arch.embedding_parameters  # lm_head + final norm
         if lisa:  # only the active layers' share of the layer gradients, spread over the stack
             g_layer = (trainable - g_embed - g_head) // arch.layers
+        if freeze:  # the top layers' gradients; the head's only when it trains
+            g_head = trainable - min(arch.layers, recipe.extra.get("method_options", {}).get("layers", 2)) * arch.layer_parameters
+            g_embed = 0
     g_total = grads(trainable)
     if recipe.optimizer == "lomo":  # each gradient is applied and freed as soon as it is complete
         g_layer = g_head = g_embed = 0
@@ -395,23 +409,27 @@ def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_b
     comm = 4 * trainable if (world > 1 and zero == 0) else 0
 
     L = arch.layers
+    # layers that keep activations for backward: all of them, but with freeze-tuning only the top
+    # ones (nothing below them needs a gradient, so autograd records nothing there)
+    L_grad = min(L, recipe.extra.get("method_options", {}).get("layers", 2)) if freeze else L
     sizes = {
         "weights": weights, "gradients": g_total, "optimizer_states": states,
-        "activations": L * saved_per_layer + rotary + post + recomputed,
-        "attention_mask": L * mask_per_layer + mask_resident, "logits_loss": logits,
+        "activations": L_grad * saved_per_layer + rotary + post + recomputed,
+        "attention_mask": L_grad * mask_per_layer + mask_resident, "logits_loss": logits,
     }
     # the moments of the step (module doc): name → resident terms
     moments: dict[str, dict[str, int]] = {
         "loss (end of forward)": dict(
-            gradients=g_accum, activations=L * saved_per_layer + rotary + post,
-            attention_mask=L * mask_per_layer + mask_resident, logits_loss=logits, workspace=0),
+            gradients=g_accum, activations=L_grad * saved_per_layer + rotary + post,
+            attention_mask=L_grad * mask_per_layer + mask_resident, logits_loss=logits, workspace=0),
     }
-    for i in reversed(range(L)):
+    for i in reversed(range(L - L_grad, L)):
         above = grads(g_head + (L - 1 - i) * g_layer)
+        below = i + 1 - (L - L_grad)  # layers whose saved activations are still held
         moments[f"backward, layer {i}"] = dict(
             gradients=max(g_accum, above),
-            activations=(i + 1) * saved_per_layer + rotary + recomputed,
-            attention_mask=(i + 1) * mask_per_layer + mask_resident + (float_mask if recipe.gradient_checkpointing else 0),
+            activations=below * saved_per_layer + rotary + recomputed,
+            attention_mask=below * mask_per_layer + mask_resident + (float_mask if recipe.gradient_checkpointing else 0),
             logits_loss=0, workspace=layer_ws + zero3_ws)
     if not adapter and arch.tied:
         # the embedding's gradient is computed apart and added into the tied weight's .grad
