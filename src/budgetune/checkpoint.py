@@ -4,6 +4,7 @@ A checkpoint is a folder `checkpoints/step-NNNNNNNN/` holding:
   trainable.safetensors  the method's saved parameters (full model for full FT and LISA, adapter for LoRA)
   optimizer.pt           optimizer state (loaded with weights_only=True: no code runs)
   rng.safetensors        torch RNG states
+  method.safetensors     the method's own tensors beyond parameters (AdaLoRA's importance scores), if any
   state.json             step, budget consumed, schedule progress, data position — written last
 
 It is written into a temporary folder, fsynced, then renamed into place, so a kill at any
@@ -50,7 +51,8 @@ def rng_state() -> dict[str, torch.Tensor]:
     return state
 
 
-def save_checkpoint(root: Path, step: int, params: dict, optimizer, state: dict, keep: int = 2) -> Path:
+def save_checkpoint(root: Path, step: int, params: dict, optimizer, state: dict, keep: int = 2,
+                    method_tensors: dict | None = None) -> Path:
     """Write checkpoint `step` (named parameters, optimizer, RNG, state) atomically under root; keep the newest `keep`."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
@@ -61,6 +63,8 @@ def save_checkpoint(root: Path, step: int, params: dict, optimizer, state: dict,
         save_file({n: p.detach().contiguous().cpu() for n, p in params.items()}, str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         save_file(rng_state(), str(tmp / "rng.safetensors"))
+        if method_tensors:
+            save_file({n: t.detach().contiguous().cpu() for n, t in method_tensors.items()}, str(tmp / "method.safetensors"))
         state = dict(state, step=step, python_random=list(random.getstate()[1]))
         (tmp / "state.json").write_text(json.dumps(state))
         for f in tmp.iterdir():
@@ -91,7 +95,8 @@ def peek_step(path: Path) -> int:
 
 
 def load_checkpoint(path: Path, named: dict, optimizer) -> dict:
-    """Restore the named parameters, optimizer and RNG from `path`; return its state dict."""
+    """Restore the named parameters, optimizer and RNG from `path`; return its state dict (with the
+    method's own tensors under "method_tensors")."""
     params = load_file(str(path / "trainable.safetensors"))
     if set(params) != set(named):
         missing, extra = sorted(set(named) - set(params)), sorted(set(params) - set(named))
@@ -111,4 +116,6 @@ def load_checkpoint(path: Path, named: dict, optimizer) -> dict:
             torch.cuda.set_rng_state_all(states)
     state = json.loads((path / "state.json").read_text())
     random.setstate((3, tuple(state["python_random"]), None))
+    method_file = path / "method.safetensors"
+    state["method_tensors"] = load_file(str(method_file)) if method_file.exists() else {}
     return state

@@ -149,6 +149,7 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
         state = load_checkpoint(latest, method.saved_parameters(raw_model), optimizer)
         clock.load_state_dict(state["clock"])
         sampler.position = state["data_position"]
+        method.load_state_dict(raw_model, state["method_tensors"], state.get("method", {}))
         log(f"resumed from {latest} (step {clock.steps}, {format_duration(clock.elapsed())} of budget used)")
 
     def reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -175,9 +176,11 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
         nonlocal save_rate
         t = time.monotonic()
         if main:
+            method_tensors, method_info = method.state_dict(raw_model)
             save_checkpoint(run.checkpoints, step, method.saved_parameters(raw_model), optimizer, {
                 "clock": clock.state_dict(), "data_position": sampler.position, "eval_loss_before": loss_before,
-            }, keep=cfg.checkpoint.keep)
+                "method": method_info,
+            }, keep=cfg.checkpoint.keep, method_tensors=method_tensors)
         accelerator.wait_for_everyone()
         save_rate = 4 * (3 * trainable) / max(1e-3, time.monotonic() - t)
         update_reserve()
@@ -216,7 +219,9 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
                     loss, _ = token_losses(model, {k: v.to(device) for k, v in batch.items()})
                     # sum over tokens / tokens in the whole step: exact mean under accumulation and
                     # data parallelism (DDP averages over processes, hence × world)
-                    accelerator.backward(loss * world / max(targets, 1.0))
+                    objective = loss * world / max(targets, 1.0)
+                    extra = method.regularizer(raw_model)  # e.g. AdaLoRA's orthogonality penalty, once per step
+                    accelerator.backward(objective if extra is None else objective + extra / accum)
                 loss_sum += loss.detach()
             # the step-time estimate (used to stop on time) is the previous step's full duration,
             # optimizer included; the first step has only its forward and backward to go by
@@ -230,6 +235,7 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else None
             optimizer.step()
+            method.after_update(raw_model, cfg.method, p)  # e.g. AdaLoRA reallocates ranks (needs the gradients)
             optimizer.zero_grad(set_to_none=True)
             if method.select(raw_model, cfg.method, clock.steps):  # e.g. LISA samples new layers
                 optimizer = accelerator.prepare(build_optimizer(raw_model, cfg.optim, method.lr_scales(cfg.method)))

@@ -33,6 +33,20 @@ class Method:
         """Choose what trains from `step` on; True if that changed (the loop rebuilds the optimizer)."""
         return False
 
+    def after_update(self, model, opts, progress: float) -> None:
+        """Called after each optimizer step, gradients still present (AdaLoRA reallocates its ranks)."""
+
+    def regularizer(self, model):
+        """A term added to each micro-batch's loss (a scalar tensor), or None."""
+        return None
+
+    def state_dict(self, model) -> tuple[dict, dict]:
+        """What a checkpoint must hold beyond the parameters: (named tensors, JSON-able info)."""
+        return {}, {}
+
+    def load_state_dict(self, model, tensors: dict, info: dict) -> None:
+        """Restore what `state_dict` returned."""
+
     def saved_parameters(self, model) -> dict:
         """Parameters a checkpoint must hold to resume exactly: by default the trainable ones."""
         return {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -62,4 +76,4 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-from . import freeze, full, lisa, lora, peft_tuners, tied_lora  # noqa: E402,F401  (registration)
+from . import adalora, freeze, full, lisa, lora, peft_tuners, tied_lora  # noqa: E402,F401  (registration)
