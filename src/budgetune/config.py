@@ -110,6 +110,8 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 0
     deterministic: bool = False
+    fast_forward: int = 0  # adapter methods: every N optimizer steps, repeat the last update while a tiny held-out loss falls (0 = off)
+    fast_forward_rows: int = 4  # held-out rows (of data.seq_len tokens) that judge the repeats; not used by the reported eval
 
 
 @dataclass
@@ -312,6 +314,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.eval_fraction': must be in [0, 1), got {cfg.data.eval_fraction}")
     positive("train.micro_batch", cfg.train.micro_batch)
     positive("train.grad_accum", cfg.train.grad_accum)
+    positive("train.fast_forward", cfg.train.fast_forward, allow_zero=True)
+    positive("train.fast_forward_rows", cfg.train.fast_forward_rows)
     positive("optim.lr", cfg.optim.lr)
     positive("optim.grad_clip", cfg.optim.grad_clip, allow_zero=True)
     positive("eval.max_tokens", cfg.eval.max_tokens)
@@ -326,6 +330,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("optim.name 'lomo' updates each weight during backward: it needs train.grad_accum 1")
     from .methods import METHODS
 
+    if cfg.train.fast_forward and not METHODS[cfg.method.name].adapter:
+        raise ConfigError(f"config key 'train.fast_forward': Fast Forward is for adapter methods (lora, dora, ...), "
+                          f"not {cfg.method.name!r}; set it to 0")
+    if cfg.train.fast_forward and cfg.optim.name == "lomo":
+        raise ConfigError("config key 'train.fast_forward': needs the update of a whole step, which optim.name 'lomo' never holds")
     if cfg.optim.name == "lomo" and METHODS[cfg.method.name].switches:
         raise ConfigError(f"optim.name 'lomo' cannot follow method {cfg.method.name!r}, which changes what trains; use adamw")
     if cfg.optim.name not in OPTIMIZERS:

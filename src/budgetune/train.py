@@ -23,6 +23,7 @@ from .console import TrainProgress, quiet_libraries, say
 from .data import IGNORE, prepare_data
 from .data.sampler import RowSampler
 from .evaluate import heldout_loss, token_losses
+from .fast_forward import FastForward
 from .methods import get_method
 from .metrics import MetricsLog, peak_memory_bytes
 from .models import count_parameters, load_model, load_tokenizer
@@ -129,6 +130,7 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
     n_matmul, n_matmul_trainable = matmul_parameters(model)
     fpt = flops_per_token(model.config, cfg.data.seq_len, n_matmul, n_matmul_trainable)
     optimizer = build_optimizer(model, cfg.optim, method.lr_scales(cfg.method))
+    trainable_params = [p for p in model.parameters() if p.requires_grad]
     log(f"model: {format_count(total)} parameters, {format_count(trainable)} trainable ({cfg.method.name}); device {device}, {world} process(es)")
 
     # --- the budget clock starts here: data preparation counts against it -------------------
@@ -155,8 +157,20 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
     def reduce_sum(t: torch.Tensor) -> torch.Tensor:
         return accelerator.reduce(t, "sum") if world > 1 else t
 
+    eval_rows, fast_forward = data.eval, None
+    if cfg.train.fast_forward:  # its judge: the last few held-out rows, kept out of the reported eval
+        n_ff = cfg.train.fast_forward_rows
+        if data.eval is None or len(data.eval) <= n_ff:
+            raise BudgetuneError(f"config key 'train.fast_forward': needs more than train.fast_forward_rows ({n_ff}) held-out "
+                                 f"rows, the data gives {0 if data.eval is None else len(data.eval)}; raise data.eval_fraction")
+        eval_rows, ff_rows = data.eval.take(range(len(data.eval) - n_ff)), data.eval.take(range(len(data.eval) - n_ff, len(data.eval)))
+        fast_forward = FastForward(
+            cfg.train.fast_forward,
+            loss=lambda: heldout_loss(model, ff_rows, cfg.train.micro_batch, n_ff * cfg.data.seq_len, device, world, rank, reduce_sum),
+            keep_going=lambda: not clock.should_stop())
+
     def eval_loss() -> float:
-        return heldout_loss(model, data.eval, cfg.train.micro_batch, cfg.eval.max_tokens, device, world, rank, reduce_sum)
+        return heldout_loss(model, eval_rows, cfg.train.micro_batch, cfg.eval.max_tokens, device, world, rank, reduce_sum)
 
     # an eval at the start gives the "before" loss and measures what the final eval will cost
     t = time.monotonic()
@@ -234,9 +248,15 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else None
+            fast_forwarding = fast_forward is not None and fast_forward.due(clock.steps)
+            if fast_forwarding:
+                fast_forward.remember(trainable_params)
             optimizer.step()
             method.after_update(raw_model, cfg.method, p)  # e.g. AdaLoRA reallocates ranks (needs the gradients)
             optimizer.zero_grad(set_to_none=True)
+            if fast_forwarding:
+                repeats, ff_loss = fast_forward.run(trainable_params)
+                metrics.write(event="fast_forward", step=clock.steps, repeats=repeats, ff_loss=ff_loss)
             if method.select(raw_model, cfg.method, clock.steps):  # e.g. LISA samples new layers
                 optimizer = accelerator.prepare(build_optimizer(raw_model, cfg.optim, method.lr_scales(cfg.method)))
 
@@ -297,6 +317,7 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
         "recipe": {"method": cfg.method.name, "micro_batch": cfg.train.micro_batch, "grad_accum": cfg.train.grad_accum,
                    "gradient_checkpointing": cfg.model.gradient_checkpointing},
         "epochs": round(sampler.epoch, 4),
+        "fast_forward_repeats": fast_forward.repeats if fast_forward else None,
         "world_size": world,
         "data": data.summary(),
     }

@@ -76,6 +76,12 @@ class Rows:
         total = self.input_ids.size
         return 1.0 - float(self.real_tokens.sum()) / total if total else 0.0
 
+    def take(self, indices) -> "Rows":
+        """The rows `indices`, as Rows of their own."""
+        idx = np.asarray(indices, dtype=np.int64)
+        pick = lambda a: None if a is None else a[idx]  # noqa: E731
+        return Rows(self.input_ids[idx], self.labels[idx], pick(self.position_ids), pick(self.attention_mask), self.real_tokens[idx])
+
     def batch(self, indices) -> dict:
         """Tensors for rows `indices`; padded rows are trimmed to the longest in the batch."""
         import torch
