@@ -1,5 +1,8 @@
 """GaLore: projection, projected moments and update against hand computation; training; memory."""
 
+import copy
+
+import pytest
 import torch
 
 from budgetune.optim.galore import GaLoreAdamW
@@ -69,3 +72,50 @@ def test_trains_through_budgetune(tmp_path):
                                 budget={"steps": 15}), quiet=True)
     assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.5
     assert summary["predicted"] is not None
+
+
+def test_layerwise_mode_updates_inside_backward_and_equals_the_stepped_optimizer():
+    """GaLore's per-layer updates: the same update as a normal step, with no gradient kept."""
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.Linear(12, 16))
+    b = copy.deepcopy(a)
+    stepped = GaLoreAdamW(a.parameters(), lr=1e-2, rank=4, update_gap=2)
+    fused = GaLoreAdamW(b.parameters(), lr=1e-2, rank=4, update_gap=2)
+    fused.update_in_backward()
+    x = torch.randn(8, 16)
+    for _ in range(3):
+        stepped.zero_grad()
+        a(x).pow(2).mean().backward()
+        stepped.step()
+        b(x).pow(2).mean().backward()
+        assert all(p.grad is None for p in b.parameters())  # applied and freed during backward
+        fused.step()  # nothing left to do
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_layerwise_refuses_accumulation(tmp_path):
+    from budgetune.config import load_config
+    from budgetune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="grad_accum"):
+        load_config({"data": {"train": ["x"]}, "budget": {"steps": 1}, "optim": {"name": "galore", "layerwise": True},
+                     "train": {"grad_accum": 2}})
+    with pytest.raises(ConfigError, match="no layer-wise mode"):
+        load_config({"data": {"train": ["x"]}, "budget": {"steps": 1}, "optim": {"name": "adamw", "layerwise": True}})
+
+
+def test_layerwise_trains_through_budgetune_and_the_planner_drops_the_gradients(tmp_path):
+    from transformers import LlamaConfig
+
+    from budgetune.plan.memory import estimate_memory
+    from budgetune.plan.recipe import Recipe
+
+    corpus = write_text_corpus(tmp_path / "corpus")
+    summary = train(tiny_config(tmp_path, corpus, optim={"name": "galore", "lr": 1e-2, "rank": 8, "update_gap": 5, "scale": 1.0,
+                                                         "layerwise": True}, budget={"steps": 15}), quiet=True)
+    assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.5
+    config = LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8)
+    whole = estimate_memory(config, Recipe(optimizer="galore", extra={"galore_rank": 64})).sizes["gradients"]
+    layerwise = estimate_memory(config, Recipe(optimizer="galore", extra={"galore_rank": 64, "layerwise": True})).sizes["gradients"]
+    assert layerwise < whole / 4

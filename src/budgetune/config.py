@@ -82,6 +82,7 @@ class OptimConfig:
     subspace: Literal["svd", "random", "blocks"] = "svd"  # frugal: how the state-full subspace is chosen
     density: float = 0.25  # frugal blocks: fraction of matrices with Adam at a time
     sign_lr_ratio: float = 1.0  # frugal: signSGD step on the residual, relative to lr
+    layerwise: bool = False  # galore/frugal/adamw_fp8: update each weight inside backward, gradients freed at once
 
 
 @dataclass
@@ -326,17 +327,23 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'schedule.decay': must be in (0, 1], got {cfg.schedule.decay}")
     if cfg.schedule.name not in PROFILES:
         raise ConfigError(f"config key 'schedule.name': unknown schedule {cfg.schedule.name!r} (known: {', '.join(PROFILES)})")
-    if cfg.optim.name == "lomo" and cfg.train.grad_accum > 1:
-        raise ConfigError("optim.name 'lomo' updates each weight during backward: it needs train.grad_accum 1")
     from .methods import METHODS
+    from .optim import LAYERWISE, updates_in_backward
+
+    if cfg.optim.layerwise and cfg.optim.name not in LAYERWISE:
+        raise ConfigError(f"config key 'optim.layerwise': optimizer {cfg.optim.name!r} has no layer-wise mode "
+                          f"(those that do: {', '.join(LAYERWISE)})")
+    fused = "optim.name 'lomo'" if cfg.optim.name == "lomo" else "optim.layerwise"
+    if updates_in_backward(cfg.optim) and cfg.train.grad_accum > 1:
+        raise ConfigError(f"{fused} updates each weight during backward: it needs train.grad_accum 1")
 
     if cfg.train.fast_forward and not METHODS[cfg.method.name].adapter:
         raise ConfigError(f"config key 'train.fast_forward': Fast Forward is for adapter methods (lora, dora, ...), "
                           f"not {cfg.method.name!r}; set it to 0")
-    if cfg.train.fast_forward and cfg.optim.name == "lomo":
-        raise ConfigError("config key 'train.fast_forward': needs the update of a whole step, which optim.name 'lomo' never holds")
-    if cfg.optim.name == "lomo" and METHODS[cfg.method.name].switches:
-        raise ConfigError(f"optim.name 'lomo' cannot follow method {cfg.method.name!r}, which changes what trains; use adamw")
+    if cfg.train.fast_forward and updates_in_backward(cfg.optim):
+        raise ConfigError(f"config key 'train.fast_forward': needs the update of a whole step, which {fused} never holds")
+    if updates_in_backward(cfg.optim) and METHODS[cfg.method.name].switches:
+        raise ConfigError(f"{fused} cannot follow method {cfg.method.name!r}, which changes what trains; use adamw")
     if cfg.optim.name not in OPTIMIZERS:
         raise ConfigError(f"config key 'optim.name': unknown optimizer {cfg.optim.name!r} (known: {', '.join(OPTIMIZERS)})")
     for key in ("eval.every", "checkpoint.every"):

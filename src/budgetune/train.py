@@ -27,7 +27,7 @@ from .fast_forward import FastForward
 from .methods import get_method
 from .metrics import MetricsLog, peak_memory_bytes
 from .models import count_parameters, load_model, load_tokenizer
-from .optim import build_optimizer
+from .optim import build_optimizer, updates_in_backward
 from .plan import flops_per_token, matmul_parameters
 from .plan.search import plan_for_training
 from .errors import BudgetuneError
@@ -116,9 +116,9 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
     if method.output == "adapter" and cfg.model.init == "scratch" and main and not resume:
         model.save_pretrained(str(run.base))  # the adapter's base must be reloadable
     model = method.prepare(model, cfg.method)
-    if cfg.optim.name == "lomo" and world > 1:
-        raise BudgetuneError("optim.name 'lomo' updates weights inside backward, before data parallel averages the "
-                             "gradients; run it on one process")
+    if updates_in_backward(cfg.optim) and world > 1:
+        raise BudgetuneError(f"optim.{'name lomo' if cfg.optim.name == 'lomo' else 'layerwise'} updates weights inside backward, "
+                             "before data parallel averages the gradients; run it on one process")
     if method.switches and world > 1:
         raise BudgetuneError(f"method {cfg.method.name!r} changes its trainable layers during training, which "
                              "distributed data parallel cannot follow; run it on one process")

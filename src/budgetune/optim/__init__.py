@@ -43,7 +43,18 @@ def build_optimizer(model, cfg, lr_scales: dict[str, float] | None = None):
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("the method left no trainable parameters")
-    return OPTIMIZERS[cfg.name](param_groups(named, cfg.weight_decay, lr_scales), cfg)
+    optimizer = OPTIMIZERS[cfg.name](param_groups(named, cfg.weight_decay, lr_scales), cfg)
+    if cfg.layerwise:
+        optimizer.update_in_backward(cfg.grad_clip)
+    return optimizer
+
+
+def updates_in_backward(cfg) -> bool:
+    """Whether the optimizer applies each update inside backward (LOMO, or layer-wise mode):
+    no gradient accumulation, no data parallelism, no switching methods."""
+    return cfg.name == "lomo" or cfg.layerwise
 
 
 from . import adamw_8bit, fp8_adamw, frugal, galore, lomo  # noqa: E402,F401  (registration)
+
+LAYERWISE = ("adamw_fp8", "frugal", "galore")  # ours, built on base.PerParameterOptimizer

@@ -6,10 +6,24 @@ import torch
 
 
 class PerParameterOptimizer(torch.optim.Optimizer):
-    """Updates one parameter at a time, in fp32; subclasses implement `update`."""
+    """Updates one parameter at a time, in fp32; subclasses implement `update`.
+
+    Layer-wise mode (`update_in_backward`, GaLore's "per-layer weight updates"): a hook updates
+    each parameter the moment its gradient is complete and frees that gradient, so at most one
+    gradient exists at a time; `step` then has nothing left to do. As with LOMO, clipping is
+    per tensor and the learning rate in effect is the one set for the previous step.
+    """
+
+    layerwise = False
 
     def update(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, index: int) -> None:
         raise NotImplementedError
+
+    def _apply(self, p: torch.Tensor, grad: torch.Tensor, group: dict, index: int) -> None:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+        self.update(p, grad, state, group, index)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -17,15 +31,33 @@ class PerParameterOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.layerwise:
+            return loss
         for group in self.param_groups:
             for index, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                self.update(p, p.grad.float(), state, group, index)
+                if p.grad is not None:
+                    self._apply(p, p.grad.float(), group, index)
         return loss
+
+    def update_in_backward(self, grad_clip: float = 0.0) -> None:
+        """Switch to layer-wise mode (see the class doc)."""
+        self.layerwise = True
+        for group in self.param_groups:
+            for index, p in enumerate(group["params"]):
+                p.register_post_accumulate_grad_hook(self._hook(group, index, grad_clip))
+
+    def _hook(self, group: dict, index: int, grad_clip: float):
+        @torch.no_grad()
+        def update(p: torch.Tensor) -> None:
+            grad = p.grad.float()
+            if grad_clip > 0:
+                norm = grad.norm()
+                if norm > grad_clip:
+                    grad = grad * (grad_clip / (norm + 1e-6))
+            self._apply(p, grad, group, index)
+            p.grad = None
+
+        return update
 
 
 def adam_direction(m: torch.Tensor, v: torch.Tensor, grad: torch.Tensor, group: dict, t: int) -> torch.Tensor:

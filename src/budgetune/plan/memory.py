@@ -379,7 +379,7 @@ def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_b
             g_head = trainable - min(arch.layers, recipe.extra.get("method_options", {}).get("layers", 2)) * arch.layer_parameters
             g_embed = 0
     g_total = grads(trainable)
-    if recipe.optimizer == "lomo":  # each gradient is applied and freed as soon as it is complete
+    if recipe.optimizer == "lomo" or recipe.extra.get("layerwise"):  # each gradient is applied and freed as soon as it is complete
         g_layer = g_head = g_embed = 0
         g_total = grads(arch.largest_parameter)
 

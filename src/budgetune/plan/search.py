@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..optim import updates_in_backward
 from ..units import format_bytes, format_count, parse_bytes, parse_count, parse_duration
 from .memory import MemoryEstimate, estimate_memory
 from .recipe import Recipe
@@ -158,7 +159,8 @@ def memory_budget_bytes(cfg, device: torch.device) -> int:
 
 def optimizer_extra(cfg) -> dict:
     """The optimizer options the memory model needs (projection rank, FRUGAL's subspace)."""
-    return {"galore_rank": cfg.optim.rank, "frugal_subspace": cfg.optim.subspace, "frugal_density": cfg.optim.density}
+    return {"galore_rank": cfg.optim.rank, "frugal_subspace": cfg.optim.subspace, "frugal_density": cfg.optim.density,
+            "layerwise": cfg.optim.layerwise}
 
 
 def candidate_recipes(cfg, device: torch.device) -> list[Recipe]:
@@ -170,7 +172,7 @@ def candidate_recipes(cfg, device: torch.device) -> list[Recipe]:
         shapes = [(cfg.train.micro_batch, cfg.train.grad_accum)]
     else:
         shapes = [(mb, rows_per_step // mb) for mb in (1, 2, 4, 8, 16, 32, 64) if rows_per_step % mb == 0]
-    if cfg.optim.name == "lomo":  # updates inside backward: no accumulation possible
+    if updates_in_backward(cfg.optim):  # updates inside backward: no accumulation possible
         shapes = [(mb * ga, 1) for mb, ga in shapes if ga == 1] or [(rows_per_step, 1)]
     ckpts = [cfg.model.gradient_checkpointing] if "model.gradient_checkpointing" in pinned else [False, True]
     r = getattr(cfg.method, "r", 16)
