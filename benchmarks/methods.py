@@ -1,15 +1,20 @@
 """Method fidelity at equal wall-clock, on the CPU: one table of every method.
 
-    python benchmarks/methods.py [--seconds 30] [--base-seconds 90]
+    python benchmarks/methods.py [--seconds 30] [--base-seconds 90] [--data chat,demo]
 
 1. A base model: `budgetune train demo` for --base-seconds (tiny Llama pre-trained on the
    standard library's sources).
-2. A chat instruction set from the standard library (docstring → function, 1,000 examples).
+2. Data: `chat` = an instruction set from the standard library (docstring → function, 1,000
+   chats); `demo` = the demo corpus itself (the standard library's sources: continued
+   pre-training).
 3. Each method fine-tunes the base on it within the same time budget (same data, seq_len
    512, micro-batch 8). Columns: held-out loss after, peak process memory (RSS high-water),
    optimizer-state bytes (measured: the size of the final checkpoint's optimizer.pt),
    trainable parameters, tokens/s (median step).
 4. REX vs linear schedule for LoRA at a small budget (--seconds / 3).
+5. Fast Forward: LoRA's final loss L after --seconds and its step count S; then LoRA with
+   Fast Forward on a budget of S steps, evaluated every S/10 steps: the first step at which
+   its held-out loss is ≤ L.
 """
 
 from __future__ import annotations
@@ -27,12 +32,18 @@ RUNS = [
     ("full / adamw_fp8", {"name": "full"}, {"name": "adamw_fp8", "lr": 5e-4}),
     ("full / galore r32", {"name": "full"}, {"name": "galore", "lr": 5e-4, "rank": 32, "update_gap": 50, "scale": 1.0}),
     ("full / frugal svd r32", {"name": "full"}, {"name": "frugal", "lr": 5e-4, "rank": 32, "update_gap": 50, "scale": 1.0, "sign_lr_ratio": 0.1}),
+    ("full / galore r32 layer-wise", {"name": "full"}, {"name": "galore", "lr": 5e-4, "rank": 32, "update_gap": 50, "scale": 1.0,
+                                                          "layerwise": True}),
+    ("full / adamw8bit", {"name": "full"}, {"name": "adamw8bit", "lr": 5e-4}),
     ("full / lomo", {"name": "full"}, {"name": "lomo", "lr": 2e-2}),
+    ("freeze top-2", {"name": "freeze", "layers": 2}, {"name": "adamw", "lr": 5e-4}),
     ("lisa γ=1 K=10", {"name": "lisa", "layers": 1, "interval": 10}, {"name": "adamw", "lr": 5e-4}),
     ("lora r16", {"name": "lora", "r": 16}, {"name": "adamw", "lr": 2e-3}),
     ("rslora r16", {"name": "rslora", "r": 16}, {"name": "adamw", "lr": 2e-3}),
     ("dora r16", {"name": "dora", "r": 16}, {"name": "adamw", "lr": 2e-3}),
     ("loraplus r16", {"name": "loraplus", "r": 16}, {"name": "adamw", "lr": 2e-3}),
+    ("pissa r16", {"name": "pissa", "r": 16}, {"name": "adamw", "lr": 2e-3}),
+    ("adalora r12→8", {"name": "adalora", "init_r": 12, "target_r": 8}, {"name": "adamw", "lr": 2e-3}),
     ("tied-lora r16", {"name": "tied-lora", "r": 16}, {"name": "adamw", "lr": 2e-3}),
     ("vera r64", {"name": "vera", "r": 64}, {"name": "adamw", "lr": 1e-2}),
     ("ia3", {"name": "ia3"}, {"name": "adamw", "lr": 1e-2}),
@@ -59,23 +70,35 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--base-seconds", type=float, default=90)
     ap.add_argument("--work", help="work folder (reuses its base model if present)")
+    ap.add_argument("--data", default="chat,demo", help="comma-separated: chat, demo")
     args = ap.parse_args()
     tmp = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="budgetune-methods-"))
     if not (tmp / "base" / "model").exists():
         subprocess.run([sys.executable, "-m", "budgetune", "train", "demo", "--budget.time", f"{args.base_seconds}s",
                         "--output.dir", str(tmp / "base"), "--quiet", "--overwrite"], check=True)
+    for data in args.data.split(","):
+        table(tmp, data, args)
+
+
+def table(tmp: Path, data: str, args) -> None:
+    from budgetune.config import load_config
     from budgetune.data.corpora import stdlib_chat
 
-    chat = stdlib_chat(tmp / "chat.jsonl", limit=1000)
+    if data == "chat":
+        train_files = [str(stdlib_chat(tmp / "chat.jsonl", limit=1000))]
+    else:  # the demo config's own corpus (the standard library's sources)
+        train_files = load_config("demo").data.train
 
-    def config(label, method, optim, seconds, schedule="cosine"):
+    def config(label, method, optim, seconds, schedule="cosine", budget=None, train=None, every=None):
         return {
             "model": {"name": str(tmp / "base" / "model")},
-            "data": {"train": [str(chat)], "seq_len": 512, "eval_fraction": 0.05, "cache_dir": str(tmp / "cache")},
+            # chat: 20% held out, so the 32 evaluated rows and Fast Forward's 4 judging rows never overlap
+            "data": {"train": train_files, "seq_len": 512, "eval_fraction": 0.2 if data == "chat" else 0.05,
+                     "cache_dir": str(tmp / "cache")},
             "method": method, "optim": {**optim, "weight_decay": 0.0}, "schedule": {"name": schedule, "warmup": 0.05},
-            "budget": {"time": f"{seconds}s"}, "train": {"micro_batch": 8, "seed": 0},
-            "eval": {"every": None, "max_tokens": 16384}, "checkpoint": {"every": None},
-            "output": {"dir": str(tmp / "runs" / label.replace(" ", "_").replace("/", "-")), "overwrite": True},
+            "budget": budget or {"time": f"{seconds}s"}, "train": {"micro_batch": 8, "seed": 0, **(train or {})},
+            "eval": {"every": every, "max_tokens": 16384}, "checkpoint": {"every": None},
+            "output": {"dir": str(tmp / "runs" / data / label.replace(" ", "_").replace("/", "-")), "overwrite": True},
         }
 
     rows = []
@@ -91,14 +114,25 @@ def main() -> None:
         cfg = config(f"lora-{name}", {"name": "lora", "r": 16}, {"name": "adamw", "lr": 2e-3}, small, schedule=name)
         schedules[name] = run(cfg, Path(cfg["output"]["dir"]))["eval_loss_after"]
 
-    print(f"\nequal budget {args.seconds:.0f} s per method; base {args.base_seconds:.0f} s demo pre-training; "
-          f"held-out loss of the base on the chat set: {rows[0]['loss_before']:.3f}\n")
+    # Fast Forward: steps LoRA + FF needs to reach plain LoRA's final loss
+    lora = next(r for r in rows if r["method"] == "lora r16")
+    cfg = config("lora-ff", {"name": "lora", "r": 16}, {"name": "adamw", "lr": 2e-3}, None, budget={"steps": lora["steps"]},
+                 train={"fast_forward": 5, "fast_forward_rows": 4}, every=0.1)
+    ff = run(cfg, Path(cfg["output"]["dir"]))
+    events = [json.loads(line) for line in (Path(cfg["output"]["dir"]) / "metrics.jsonl").read_text().splitlines()]
+    reached = next((e["step"] for e in events if e.get("event") == "eval" and e["eval_loss"] <= lora["eval_loss"]), None)
+
+    print(f"\n{data}: equal budget {args.seconds:.0f} s per method; base {args.base_seconds:.0f} s demo pre-training; "
+          f"held-out loss of the base on this data: {rows[0]['loss_before']:.3f}\n")
     print("| method | held-out loss | peak memory MB | optimizer state MB | trainable | tokens/s | steps |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['eval_loss']:.3f} | {r['peak_mb']:.0f} | {r['state_mb']:.2f} | {r['trainable']:,} | "
               f"{r['tokens_per_s']:,.0f} | {r['steps']} |")
     print(f"\nLoRA at {small:.0f} s: REX {schedules['rex']:.3f} vs linear {schedules['linear']:.3f}")
+    print(f"Fast Forward (every 5 steps, 4 held-out rows): LoRA's final loss {lora['eval_loss']:.3f} after {lora['steps']} steps; "
+          f"LoRA + FF reached it at step {reached} (of {lora['steps']}; evaluated every {max(1, lora['steps'] // 10)} steps), "
+          f"final {ff['eval_loss_after']:.3f} after {ff['steps']} steps and {ff['fast_forward_repeats']} repeats in {ff['elapsed_s']:.0f} s")
 
 
 if __name__ == "__main__":
