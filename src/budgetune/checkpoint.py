@@ -82,6 +82,13 @@ def save_checkpoint(root: Path, step: int, params: dict, optimizer, state: dict,
     return final
 
 
+def clean_partial(root: Path) -> None:
+    """Remove the temporary folders of checkpoint writes that never finished (a kill mid-write)."""
+    if root.exists():
+        for p in root.glob(".tmp-step-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary folders are ignored)."""
     if not root.exists():

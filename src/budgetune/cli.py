@@ -7,7 +7,7 @@ import json
 import sys
 
 from .console import quiet_libraries
-from .errors import BudgetuneError
+from .errors import BudgetuneError, Interrupted
 
 USAGE = """budgetune <command> ...
 
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(export(args.run_dir, merge=args.merge, out=args.out, overwrite=args.overwrite))
     except BudgetuneError as e:
-        print(f"budgetune: error: {e}", file=sys.stderr)
+        print(f"budgetune: {'' if isinstance(e, Interrupted) else 'error: '}{e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("budgetune: interrupted", file=sys.stderr)

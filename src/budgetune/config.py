@@ -113,6 +113,7 @@ class TrainConfig:
     deterministic: bool = False
     fast_forward: int = 0  # adapter methods: every N optimizer steps, repeat the last update while a tiny held-out loss falls (0 = off)
     fast_forward_rows: int = 4  # held-out rows (of data.seq_len tokens) that judge the repeats; not used by the reported eval
+    max_bad_steps: int = 5  # non-finite steps in a row before going back to the last checkpoint (LR halved), then stopping
 
 
 @dataclass
@@ -317,6 +318,7 @@ def _validate(cfg: Config) -> None:
     positive("train.grad_accum", cfg.train.grad_accum)
     positive("train.fast_forward", cfg.train.fast_forward, allow_zero=True)
     positive("train.fast_forward_rows", cfg.train.fast_forward_rows)
+    positive("train.max_bad_steps", cfg.train.max_bad_steps)
     positive("optim.lr", cfg.optim.lr)
     positive("optim.grad_clip", cfg.optim.grad_clip, allow_zero=True)
     positive("eval.max_tokens", cfg.eval.max_tokens)

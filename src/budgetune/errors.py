@@ -13,3 +13,21 @@ class ConfigError(BudgetuneError):
 
 class DataError(BudgetuneError):
     """A data file cannot be read or does not have the expected format."""
+
+
+class RunStopped(BudgetuneError):
+    """The run stopped part-way and left a checkpoint to resume from (its folder is kept)."""
+
+
+class Interrupted(RunStopped):
+    """SIGINT / SIGTERM: a checkpoint was written; `train --resume` continues."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell's convention for "killed by signal N"
+
+
+class TrainingError(RunStopped):
+    """Training cannot go on (non-finite losses that persist, out of memory at micro-batch 1)."""
+
+    exit_code = 3

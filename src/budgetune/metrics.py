@@ -18,9 +18,12 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class MetricsLog:
-    """Appends records; flushed every few seconds and on close (a kill loses at most that)."""
+    """Appends records, one line each, flushed as written (a kill loses at most a torn last
+    line, which the next run's log cuts off before appending)."""
 
-    def __init__(self, path: Path | None, flush_every_s: float = 2.0):
+    def __init__(self, path: Path | None, flush_every_s: float = 0.0):
+        if path is not None and path.exists():
+            _drop_torn_last_line(path)
         self._file = open(path, "a", encoding="utf-8") if path is not None else None
         self._flush_every = flush_every_s
         self._last_flush = time.monotonic()
@@ -29,7 +32,7 @@ class MetricsLog:
         if self._file is None:
             return
         self._file.write(json.dumps(record) + "\n")
-        if time.monotonic() - self._last_flush > self._flush_every:
+        if time.monotonic() - self._last_flush >= self._flush_every:
             self._file.flush()
             self._last_flush = time.monotonic()
 
@@ -37,6 +40,13 @@ class MetricsLog:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _drop_torn_last_line(path: Path) -> None:
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def read_metrics(path: Path) -> list[dict]:

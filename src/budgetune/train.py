@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .budget import Budget, BudgetClock
-from .checkpoint import list_checkpoints, load_checkpoint, peek_step, save_checkpoint
+from .checkpoint import clean_partial, list_checkpoints, load_checkpoint, peek_step, save_checkpoint
 from .config import Config, dump_config, load_config, parse_interval
 from .console import TrainProgress, quiet_libraries, say
 from .data import IGNORE, prepare_data
@@ -30,7 +31,8 @@ from .models import count_parameters, load_model, load_tokenizer
 from .optim import build_optimizer, updates_in_backward
 from .plan import flops_per_token, matmul_parameters
 from .plan.search import plan_for_training
-from .errors import BudgetuneError
+from .errors import BudgetuneError, Interrupted, RunStopped, TrainingError
+from .guard import BadSteps, StopSignals, halve_micro_batch
 from .rundir import RunDir
 from .schedules import lr_multiplier
 from .units import format_count, format_duration
@@ -85,12 +87,16 @@ def train(config: str | Path | dict | Config | None = None, overrides=None, *, r
     accelerator = _accelerator(cfg)
     main = accelerator.is_main_process
     overwrite = overwrite or cfg.output.overwrite
+    if resume and not run.exists() and run.is_run():  # stopped before its config was written: nothing to resume yet
+        resume, overwrite = False, True
     run.check(resume, overwrite)
     if main:
         run.prepare(resume, overwrite)
     accelerator.wait_for_everyone()
     try:
         return _train(cfg, run, accelerator, resume, show=main and not quiet)
+    except RunStopped:
+        raise  # it left a checkpoint: keep the folder
     except BudgetuneError:
         if main and not resume:  # bad data found after the folder was made: leave nothing behind
             shutil.rmtree(run.path, ignore_errors=True)
@@ -122,6 +128,8 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
     if method.switches and world > 1:
         raise BudgetuneError(f"method {cfg.method.name!r} changes its trainable layers during training, which "
                              "distributed data parallel cannot follow; run it on one process")
+    if resume and main:
+        clean_partial(run.checkpoints)  # what a kill during a checkpoint write left behind
     latest = list_checkpoints(run.checkpoints)[-1] if resume and list_checkpoints(run.checkpoints) else None
     method.select(model, cfg.method, peek_step(latest) if latest else 0)  # what trains at the (re)start
     if cfg.model.gradient_checkpointing:
@@ -144,6 +152,8 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
     sampler = RowSampler(len(data.train), cfg.train.micro_batch, cfg.train.seed, world, rank)
+    accum = cfg.train.grad_accum
+    bad = BadSteps(cfg.train.max_bad_steps)
     state: dict = {}
     if main and not resume:
         dump_config(cfg, run.config)
@@ -151,6 +161,8 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
         state = load_checkpoint(latest, method.saved_parameters(raw_model), optimizer)
         clock.load_state_dict(state["clock"])
         sampler.position = state["data_position"]
+        sampler.micro_batch, accum = state.get("micro_batch", sampler.micro_batch), state.get("grad_accum", accum)  # after an OOM
+        bad.load_state_dict(state.get("bad_steps", bad.state_dict()))
         method.load_state_dict(raw_model, state["method_tensors"], state.get("method", {}))
         log(f"resumed from {latest} (step {clock.steps}, {format_duration(clock.elapsed())} of budget used)")
 
@@ -190,11 +202,22 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
         nonlocal save_rate
         t = time.monotonic()
         if main:
+            params = method.saved_parameters(raw_model)
+            if not all(torch.isfinite(p).all() for p in params.values()):
+                raise TrainingError(f"step {step}: the weights hold NaN or inf; not checkpointing them (the last checkpoint "
+                                    f"in {run.checkpoints} is kept). Lower optim.lr or raise optim.grad_clip, then --resume")
             method_tensors, method_info = method.state_dict(raw_model)
-            save_checkpoint(run.checkpoints, step, method.saved_parameters(raw_model), optimizer, {
-                "clock": clock.state_dict(), "data_position": sampler.position, "eval_loss_before": loss_before,
-                "method": method_info,
-            }, keep=cfg.checkpoint.keep, method_tensors=method_tensors)
+            try:
+                save_checkpoint(run.checkpoints, step, params, optimizer, {
+                    "clock": clock.state_dict(), "data_position": sampler.position, "eval_loss_before": loss_before,
+                    "method": method_info, "bad_steps": bad.state_dict(), "micro_batch": sampler.micro_batch, "grad_accum": accum,
+                }, keep=cfg.checkpoint.keep, method_tensors=method_tensors)
+            except OSError as e:  # disk full, read-only, quota: the previous checkpoint is untouched
+                previous = list_checkpoints(run.checkpoints)
+                raise TrainingError(
+                    f"could not write the step-{step} checkpoint under {run.checkpoints}: {e.strerror or e}. "
+                    + (f"The previous checkpoint {previous[-1].name} is intact: free space (or fix permissions) and --resume."
+                       if previous else "No earlier checkpoint exists: free space (or fix permissions) and start again.")) from e
         accelerator.wait_for_everyone()
         save_rate = 4 * (3 * trainable) / max(1e-3, time.monotonic() - t)
         update_reserve()
@@ -202,7 +225,8 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
     metrics = MetricsLog(run.metrics if main else None)
     eval_every = Every(cfg.eval.every, clock.progress(), clock.elapsed())
     ckpt_every = Every(cfg.checkpoint.every, clock.progress(), clock.elapsed())
-    accum, lr, loss_value, tokens_per_s = cfg.train.grad_accum, 0.0, float("nan"), 0.0
+    lr, loss_value, tokens_per_s = 0.0, float("nan"), 0.0
+    fused = updates_in_backward(cfg.optim)  # LOMO / layer-wise: a bad loss must not reach backward
     stopping = torch.zeros(1, device=device)
     step_rates: list[float] = []  # tokens/s of each optimizer step (periodic evals and saves excluded)
     previous_step_s = 0.0
@@ -210,44 +234,101 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
     model.train()
     log(f"budget: {clock.budget.describe()} (reserve {clock.reserve_s:.1f}s for final eval + save); eval loss before {loss_before:.4f}")
 
+    def forward_backward(rows: list[list[int]]) -> tuple[float, float, torch.Tensor]:
+        """Forward and backward over one step's micro-batches; (targets, tokens, summed loss)."""
+        batches = [data.train.batch(r) for r in rows]
+        counts = torch.tensor([
+            float(sum((b["labels"][:, 1:] != IGNORE).sum() for b in batches)),
+            float(sum(data.train.real_tokens[r].sum() for r in rows)),
+        ], device=device)
+        targets, step_tokens = reduce_sum(counts).tolist()
+        loss_sum = torch.zeros((), device=device)
+        for i, batch in enumerate(batches):
+            sync = contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
+            with sync:
+                loss, _ = token_losses(model, {k: v.to(device) for k, v in batch.items()})
+                loss_sum += loss.detach()
+                if fused and not torch.isfinite(loss):
+                    continue  # the update would happen inside backward, before any check
+                # sum over tokens / tokens in the whole step: exact mean under accumulation and
+                # data parallelism (DDP averages over processes, hence × world)
+                objective = loss * world / max(targets, 1.0)
+                extra = method.regularizer(raw_model)  # e.g. AdaLoRA's orthogonality penalty, once per step
+                accelerator.backward(objective if extra is None else objective + extra / len(batches))
+        return targets, step_tokens, loss_sum
+
+    def restore_last_checkpoint() -> None:
+        """Back to the last checkpoint's weights and optimizer state (budget and data go on)."""
+        nonlocal optimizer
+        last = list_checkpoints(run.checkpoints)[-1]
+        if method.select(raw_model, cfg.method, peek_step(last)):
+            optimizer = accelerator.prepare(build_optimizer(raw_model, cfg.optim, method.lr_scales(cfg.method)))
+        load_checkpoint(last, method.saved_parameters(raw_model), optimizer)
+
     # --- the loop -------------------------------------------------------------------------
-    with TrainProgress(enabled=show) as bar:
+    with TrainProgress(enabled=show) as bar, StopSignals() as signals:
         while True:
-            stopping.fill_(float(clock.should_stop()))
+            stopping.fill_(2.0 if signals.received else float(clock.should_stop()))
             if world > 1:
                 stopping = accelerator.reduce(stopping, "max")  # every process stops at the same step
+            if stopping.item() >= 2:  # SIGINT / SIGTERM (pre-emption, Ctrl-C): checkpoint, then leave
+                checkpoint(clock.steps)
+                metrics.close()
+                raise Interrupted(f"{signals.name if signals.received else 'a stop signal'} at step {clock.steps}: checkpoint "
+                                  f"written to {run.checkpoints}; continue with `budgetune train ... --resume`",
+                                  signals.received or signal.SIGTERM)
             if stopping.item():
                 break
             t0 = time.monotonic()
             rows = [sampler.next() for _ in range(accum)]
-            batches = [data.train.batch(r) for r in rows]
-            counts = torch.tensor([
-                float(sum((b["labels"][:, 1:] != IGNORE).sum() for b in batches)),
-                float(sum(data.train.real_tokens[r].sum() for r in rows)),
-            ], device=device)
-            targets, step_tokens = reduce_sum(counts).tolist()
-            loss_sum = torch.zeros((), device=device)
-            for i, batch in enumerate(batches):
-                sync = contextlib.nullcontext() if i == accum - 1 else accelerator.no_sync(model)
-                with sync:
-                    loss, _ = token_losses(model, {k: v.to(device) for k, v in batch.items()})
-                    # sum over tokens / tokens in the whole step: exact mean under accumulation and
-                    # data parallelism (DDP averages over processes, hence × world)
-                    objective = loss * world / max(targets, 1.0)
-                    extra = method.regularizer(raw_model)  # e.g. AdaLoRA's orthogonality penalty, once per step
-                    accelerator.backward(objective if extra is None else objective + extra / accum)
-                loss_sum += loss.detach()
+            while True:
+                try:
+                    targets, step_tokens, loss_sum = forward_backward(rows)
+                    break
+                except torch.OutOfMemoryError:
+                    # the same rows in micro-batches half as large: same effective batch, same data order
+                    optimizer.zero_grad(set_to_none=True)
+                    if len(rows[0]) == 1 or fused:
+                        raise TrainingError(f"out of memory at micro-batch {len(rows[0])}"
+                                            + (" with an optimizer that updates inside backward" if fused else "")
+                                            + f" (seq_len {cfg.data.seq_len}); lower data.seq_len, turn on "
+                                            "model.gradient_checkpointing, or use an adapter method (see `budgetune plan`)") from None
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    rows = halve_micro_batch(rows)
+                    sampler.micro_batch, accum = len(rows[0]), len(rows)
+                    metrics.write(event="out_of_memory", step=clock.steps + 1, micro_batch=sampler.micro_batch, grad_accum=accum)
+                    bar.log(f"step {clock.steps + 1}: out of memory; micro-batch now {sampler.micro_batch}, accumulation {accum}")
             # the step-time estimate (used to stop on time) is the previous step's full duration,
             # optimizer included; the first step has only its forward and backward to go by
             clock.record_step(step_tokens, previous_step_s or time.monotonic() - t0)
             p = clock.progress()
             # the LR of a step is the schedule at the middle of the progress it covers: neither
             # the first step (warmup) nor the last (annealed to zero) is wasted at lr = 0
-            lr = cfg.optim.lr * lr_multiplier(0.5 * (p_before + p), cfg.schedule)
+            lr = cfg.optim.lr * bad.lr_factor * lr_multiplier(0.5 * (p_before + p), cfg.schedule)
             p_before = p
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else None
+            # the norm is taken (and non-finite gradients found) even with clipping off
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
+            loss_value = reduce_sum(loss_sum).item() / max(targets, 1.0)
+            verdict = bad.record(BadSteps.finite(loss_value, grad_norm))
+            if verdict != "ok":  # a non-finite loss or gradient: no update from this step
+                optimizer.zero_grad(set_to_none=True)
+                metrics.write(event="bad_step", step=clock.steps, in_a_row=bad.in_a_row, total=bad.total, action=verdict)
+                bar.log(f"step {clock.steps}: non-finite loss or gradient; step skipped ({bad.total} so far)")
+                if verdict == "restore" and list_checkpoints(run.checkpoints):
+                    restore_last_checkpoint()
+                    bar.log(f"{bad.limit} bad steps in a row: back to {list_checkpoints(run.checkpoints)[-1].name}, "
+                            f"learning rate × {bad.lr_factor:g}")
+                elif verdict != "skip":
+                    raise TrainingError(
+                        f"{bad.limit} steps in a row with a non-finite loss or gradient at step {clock.steps}"
+                        + (" even after going back to the last checkpoint with a halved learning rate" if verdict == "give_up"
+                           else " before the first checkpoint")
+                        + ": lower optim.lr, raise schedule.warmup, or check the data; saved weights are all finite")
+                previous_step_s = time.monotonic() - t0
+                continue
             fast_forwarding = fast_forward is not None and fast_forward.due(clock.steps)
             if fast_forwarding:
                 fast_forward.remember(trainable_params)
@@ -260,13 +341,11 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
             if method.select(raw_model, cfg.method, clock.steps):  # e.g. LISA samples new layers
                 optimizer = accelerator.prepare(build_optimizer(raw_model, cfg.optim, method.lr_scales(cfg.method)))
 
-            loss_value = reduce_sum(loss_sum).item() / max(targets, 1.0)
             seconds = previous_step_s = time.monotonic() - t0
             tokens_per_s = step_tokens / max(seconds, 1e-9)
             step_rates.append(tokens_per_s)
             metrics.write(step=clock.steps, tokens=clock.tokens, seconds=round(clock.elapsed(), 3), progress=round(p, 5),
-                          loss=loss_value, lr=lr, tokens_per_s=round(tokens_per_s, 1),
-                          grad_norm=float(grad_norm) if grad_norm is not None else None,
+                          loss=loss_value, lr=lr, tokens_per_s=round(tokens_per_s, 1), grad_norm=float(grad_norm),
                           memory_mb=round(peak_memory_bytes(device) / 2**20, 1), epoch=round(sampler.epoch, 4))
             bar.update(p, clock.steps, loss_value, lr, tokens_per_s, clock.time_left(), clock.governing())
 
@@ -314,10 +393,12 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
         "trainable_parameters": trainable,
         "peak_memory_mb": round(peak_memory_bytes(device) / 2**20, 1),
         "predicted": prediction,  # the planner's numbers for this recipe, before the run
-        "recipe": {"method": cfg.method.name, "micro_batch": cfg.train.micro_batch, "grad_accum": cfg.train.grad_accum,
+        "recipe": {"method": cfg.method.name, "micro_batch": sampler.micro_batch, "grad_accum": accum,
                    "gradient_checkpointing": cfg.model.gradient_checkpointing},
         "epochs": round(sampler.epoch, 4),
         "fast_forward_repeats": fast_forward.repeats if fast_forward else None,
+        "bad_steps": bad.total,
+        "restores": bad.restores,
         "world_size": world,
         "data": data.summary(),
     }

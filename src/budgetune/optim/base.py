@@ -50,12 +50,14 @@ class PerParameterOptimizer(torch.optim.Optimizer):
         @torch.no_grad()
         def update(p: torch.Tensor) -> None:
             grad = p.grad.float()
+            p.grad = None
+            if not torch.isfinite(grad).all():  # never apply NaN / inf (the loop counts the step as bad)
+                return
             if grad_clip > 0:
                 norm = grad.norm()
                 if norm > grad_clip:
                     grad = grad * (grad_clip / (norm + 1e-6))
             self._apply(p, grad, group, index)
-            p.grad = None
 
         return update
 

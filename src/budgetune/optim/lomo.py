@@ -30,13 +30,15 @@ class Lomo(torch.optim.Optimizer):
         @torch.no_grad()
         def update(p: torch.Tensor) -> None:
             grad = p.grad
+            p.grad = None
+            if not torch.isfinite(grad).all():  # never apply NaN / inf (the loop counts the step as bad)
+                return
             if group["grad_clip"] > 0:
                 norm = grad.norm()
                 if norm > group["grad_clip"]:
                     grad = grad * (group["grad_clip"] / (norm + 1e-6))
             decoupled_decay(p, group)
             p.add_(grad, alpha=-group["lr"])
-            p.grad = None
 
         return update
 
