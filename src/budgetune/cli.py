@@ -16,6 +16,7 @@ USAGE = """budgetune <command> ...
   demo [--section.key value ...]                                    tiny Llama on the stdlib, offline
   eval RUN_DIR [--data PATH ...] [--prompt TEXT ...]                held-out loss, perplexity, samples
   export RUN_DIR [--merge] [--out DIR] [--overwrite]                peft adapter or merged HF model
+  report RUN_DIR [RUN_DIR ...] [--out FILE]                         one HTML page: curves, budget, plan vs measured
 """
 
 
@@ -44,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true", help="fold the adapter into the base weights")
     p.add_argument("--out", help="target folder (default RUN_DIR/export/<kind>)")
     p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("report", help="an HTML report of one run, or several compared")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--out", help="HTML file (default RUN_DIR/report.html; for several runs ./report.html)")
     return parser
 
 
@@ -89,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             from .export import export
 
             print(export(args.run_dir, merge=args.merge, out=args.out, overwrite=args.overwrite))
+        elif args.command == "report":
+            from .report import report
+
+            print(report(args.run_dirs, out=args.out))
     except BudgetuneError as e:
         print(f"budgetune: {'' if isinstance(e, Interrupted) else 'error: '}{e}", file=sys.stderr)
         return e.exit_code

@@ -141,6 +141,7 @@ class PlanConfig:
 class OutputConfig:
     dir: str = "runs/run"
     overwrite: bool = False
+    report: bool = True  # write RUN_DIR/report.html at the end
 
 
 @dataclass
@@ -157,6 +158,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    tracking: list[str] = field(default_factory=list)  # experiment trackers through accelerate: tensorboard, wandb, mlflow
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -26,7 +26,8 @@ from .data.sampler import RowSampler
 from .evaluate import heldout_loss, token_losses
 from .fast_forward import FastForward
 from .methods import get_method
-from .metrics import MetricsLog, peak_memory_bytes
+from .metrics import MetricsLog, check_trackers, environment, flat_config, peak_memory_bytes
+from .report import report
 from .models import count_parameters, load_model, load_tokenizer
 from .optim import build_optimizer, updates_in_backward
 from .plan import flops_per_token, matmul_parameters
@@ -36,6 +37,9 @@ from .guard import BadSteps, StopSignals, halve_micro_batch
 from .rundir import RunDir
 from .schedules import lr_multiplier
 from .units import format_count, format_duration
+
+
+REPORT_S = 1.5  # what writing report.html takes (matplotlib import + five SVG plots), measured on a 2-core CPU
 
 
 class Every:
@@ -53,12 +57,13 @@ class Every:
         return True
 
 
-def _accelerator(cfg: Config):
+def _accelerator(cfg: Config, run: RunDir):
     from accelerate import Accelerator
 
     cuda = torch.cuda.is_available()
     precision = "bf16" if cuda and torch.cuda.is_bf16_supported() and cfg.model.dtype in ("auto", "bfloat16") else "no"
-    return Accelerator(mixed_precision=precision, cpu=not cuda)
+    return Accelerator(mixed_precision=precision, cpu=not cuda, log_with=check_trackers(cfg.tracking) or None,
+                       project_dir=str(run.path / "tracking"))
 
 
 def _save_final(run: RunDir, method, model, tokenizer) -> None:
@@ -84,7 +89,7 @@ def train(config: str | Path | dict | Config | None = None, overrides=None, *, r
     cfg = load_config(config, overrides)
     quiet_libraries()
     run = RunDir(Path(cfg.output.dir))
-    accelerator = _accelerator(cfg)
+    accelerator = _accelerator(cfg, run)
     main = accelerator.is_main_process
     overwrite = overwrite or cfg.output.overwrite
     if resume and not run.exists() and run.is_run():  # stopped before its config was written: nothing to resume yet
@@ -189,12 +194,16 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
     measured_before = eval_loss()
     loss_before = state.get("eval_loss_before", measured_before)
     eval_cost = time.monotonic() - t
+    if cfg.tracking:
+        accelerator.init_trackers(run.path.name, config=flat_config(cfg))
+    metrics = MetricsLog(run.metrics if main else None, tracker=accelerator.log if cfg.tracking else None)
+    metrics.write(event="eval", step=clock.steps, tokens=clock.tokens, seconds=round(clock.elapsed(), 3), eval_loss=measured_before)
     bytes_to_save = 4 * (3 * trainable + total)  # trainable + Adam moments + final model, fp32
     save_rate = 200e6  # bytes/s until a checkpoint has been timed
 
     def update_reserve() -> None:
         """Keep back what the final eval and save will cost, as last measured (+1 s for the summary and exit)."""
-        clock.set_reserve(1.1 * eval_cost + bytes_to_save / save_rate + 1.0)
+        clock.set_reserve(1.1 * eval_cost + bytes_to_save / save_rate + 1.0 + (REPORT_S if cfg.output.report else 0.0))
 
     update_reserve()
 
@@ -222,7 +231,6 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
         save_rate = 4 * (3 * trainable) / max(1e-3, time.monotonic() - t)
         update_reserve()
 
-    metrics = MetricsLog(run.metrics if main else None)
     eval_every = Every(cfg.eval.every, clock.progress(), clock.elapsed())
     ckpt_every = Every(cfg.checkpoint.every, clock.progress(), clock.elapsed())
     lr, loss_value, tokens_per_s = 0.0, float("nan"), 0.0
@@ -401,15 +409,20 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
         "restores": bad.restores,
         "world_size": world,
         "data": data.summary(),
+        "environment": environment(device),
     }
     metrics.close()
     if main:
         _write_json(run.summary, summary)
+        if cfg.output.report:
+            report([run.path])  # RUN_DIR/report.html (its cost is in the reserve)
         log(f"done in {format_duration(elapsed)}"
             + (f" (budget {format_duration(budget_s)}, overshoot {summary['overshoot_s']:+.2f}s)" if budget_s else "")
             + f": {clock.steps} steps, {format_count(clock.tokens)} tokens, eval loss {loss_before:.4f} → {loss_after:.4f}; run folder {run.path}")
         if prediction:
             log(f"planner: peak memory {prediction['peak_memory_mb']:.0f} MB predicted, {summary['peak_memory_mb']:.0f} MB measured; "
                 f"{prediction['tokens_per_s']:,.0f} tokens/s predicted (uncalibrated), {summary['train_tokens_per_s_median'] or 0:,.0f} measured (median step)")
+    if cfg.tracking:
+        accelerator.end_training()
     accelerator.wait_for_everyone()
     return summary
