@@ -72,3 +72,14 @@ def test_train_eval_export_commands(config_file, tmp_path):
     done = run_cli("export", run, "--merge")
     assert done.returncode == 0, done.stderr
     assert (run / "export" / "merged" / "config.json").exists()
+    # eval on another file the data layer reads, and the lm-evaluation-harness bridge's guard
+    other = tmp_path / "other.txt"
+    other.write_text("def other(x):\n    return x * 2\n" * 50)
+    done = run_cli("eval", run, "--json", "--data", other)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["eval_tokens"] > 0
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        done = run_cli("eval", run, "--lm-eval", "hellaswag")
+        assert done.returncode == 2 and "pip install lm-eval" in done.stderr

@@ -14,7 +14,7 @@ USAGE = """budgetune <command> ...
   train CONFIG [--resume] [--overwrite] [--section.key value ...]   train within the budget
   plan CONFIG [--json] [--no-probe] [--section.key value ...]      ranked recipes that fit the budget
   demo [--section.key value ...]                                    tiny Llama on the stdlib, offline
-  eval RUN_DIR [--data PATH ...] [--prompt TEXT ...]                held-out loss, perplexity, samples
+  eval RUN_DIR [--data PATH ...] [--prompt TEXT ...] [--lm-eval TASKS]  held-out loss, perplexity, samples, lm-eval
   export RUN_DIR [--merge] [--out DIR] [--overwrite]                peft adapter or merged HF model
   report RUN_DIR [RUN_DIR ...] [--out FILE]                         one HTML page: curves, budget, plan vs measured
 """
@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", help="held-out data to score (default: the run's own split)")
     p.add_argument("--prompt", action="append", help="prompt to continue (default: eval.prompts of the run)")
     p.add_argument("--max-tokens", type=int)
+    p.add_argument("--lm-eval", help="comma-separated lm-evaluation-harness tasks (pip install lm-eval), e.g. hellaswag,arc_easy")
+    p.add_argument("--lm-eval-limit", type=int, help="examples per lm-eval task (quick checks)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p = sub.add_parser("export", help="export an adapter or a merged model")
     p.add_argument("run_dir")
@@ -82,13 +84,16 @@ def main(argv: list[str] | None = None) -> int:
             from .evaluate import evaluate
 
             result = evaluate(args.run_dir, data=args.data, prompts=args.prompt, max_tokens=args.max_tokens,
-                              log=lambda m: print(m, file=sys.stderr))  # stdout stays clean for --json
+                              log=lambda m: print(m, file=sys.stderr),  # stdout stays clean for --json
+                              lm_eval=args.lm_eval.split(",") if args.lm_eval else None, lm_eval_limit=args.lm_eval_limit)
             if args.json:
                 print(json.dumps(result, indent=2))
             else:
                 print(f"eval loss {result['eval_loss']:.4f}  perplexity {result['perplexity']:.2f}  ({result['eval_tokens']} tokens)")
                 for s in result["samples"]:
                     print(f"--- {s['prompt']!r}\n{s['prompt']}{s['completion']}")
+                for task, scores in result.get("lm_eval", {}).items():
+                    print(f"lm-eval {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)))
         elif args.command == "export":
             from .export import export
 

@@ -80,8 +80,26 @@ def load_trained(run_dir: str | Path, device: str | torch.device = "cpu"):
     return model.to(device), tokenizer, cfg
 
 
-def evaluate(run_dir: str | Path, data: list[str] | None = None, prompts: list[str] | None = None, max_tokens: int | None = None, log=print) -> dict:
-    """Held-out loss/perplexity of a finished run on its own eval split (or on `data`), plus samples."""
+def lm_eval_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8) -> dict:
+    """Scores from lm-evaluation-harness (EleutherAI) for `tasks`, on the in-memory model.
+
+    Optional: `pip install lm-eval`. The harness fetches each task's dataset from the Hugging
+    Face hub (or its cache), so this part needs the network or a warmed cache."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        from .errors import BudgetuneError
+
+        raise BudgetuneError("--lm-eval needs lm-evaluation-harness: pip install lm-eval (then run the same command again)") from None
+    results = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size), tasks=tasks, limit=limit)
+    return results["results"]
+
+
+def evaluate(run_dir: str | Path, data: list[str] | None = None, prompts: list[str] | None = None, max_tokens: int | None = None,
+             log=print, lm_eval: list[str] | None = None, lm_eval_limit: int | None = None) -> dict:
+    """Held-out loss/perplexity of a finished run on its own eval split (or on `data`), samples,
+    and optionally lm-evaluation-harness task scores."""
     from .data import prepare_data
     from .config import merge, load_config
 
@@ -98,4 +116,5 @@ def evaluate(run_dir: str | Path, data: list[str] | None = None, prompts: list[s
         "perplexity": math.exp(loss) if loss == loss and loss < 50 else float("inf"),
         "eval_tokens": int(bundle.eval.real_tokens.sum()) if bundle.eval is not None else 0,
         "samples": [{"prompt": p, "completion": s} for p, s in zip(prompts, samples)],
+        **({"lm_eval": lm_eval_tasks(model, tokenizer, lm_eval, lm_eval_limit)} if lm_eval else {}),
     }
