@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from budgetune.config import load_config
 from budgetune.plan.search import apply_plan, candidate_recipes, make_plan
@@ -86,3 +87,34 @@ def test_plan_command_on_the_demo_config_proposes_a_scratch_model():
     assert plan["best"]["tokens_in_budget"] > 0 and plan["unique_tokens_estimate"] > 1e6
     scratch = plan["scratch"]
     assert scratch["params"] > 0 and scratch["lr"] > 0 and len(scratch["reasoning"]) >= 3
+
+
+def test_planner_reads_world_size_and_zero_stage_from_the_launcher(monkeypatch):
+    from budgetune.config import load_config
+    from budgetune.plan.memory import estimate_memory
+    from budgetune.plan.search import distributed_setup, recipe_from_config
+
+    cfg = load_config({"data": {"train": ["x"]}, "budget": {"steps": 1}, "model": {"init": "scratch", "preset": "llama-small"},
+                       "tokenizer": {"train_vocab_size": 32000}})
+    assert distributed_setup(cfg) == (1, 0)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert distributed_setup(cfg) == (4, 3)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "false")
+    assert distributed_setup(cfg) == (4, 2)
+    pinned = load_config(cfg, {"plan": {"world_size": 8, "zero_stage": 1}})
+    assert distributed_setup(pinned) == (8, 1)
+
+    # ZeRO-3 over 4 processes holds a quarter of the weights and optimizer states of one
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    from budgetune.plan.search import plan_model_config
+
+    config = plan_model_config(cfg)
+    one = estimate_memory(config, recipe_from_config(load_config(cfg, {"plan": {"world_size": 1, "zero_stage": 0}}), torch.device("cpu")))
+    four = estimate_memory(config, recipe_from_config(load_config(cfg, {"plan": {"world_size": 4, "zero_stage": 3}}), torch.device("cpu")))
+    assert four.terms["optimizer_states"] == one.terms["optimizer_states"] // 4
+    assert four.terms["weights"] == one.terms["weights"] // 4

@@ -135,6 +135,8 @@ class PlanConfig:
     auto: bool = True  # train: the planner picks what the config leaves open (method, micro-batch, checkpointing)
     probe: bool = True  # `plan`: time a few real steps of the top candidates to calibrate speed
     device: Literal["auto", "cpu", "cuda"] = "auto"  # plan for another machine's device (no probe then)
+    world_size: int = 0  # processes that share the work; 0 = from the launcher (WORLD_SIZE), else 1
+    zero_stage: int | None = None  # ZeRO stage 0-3 (FSDP full shard = 3); None = from `accelerate launch`'s config
 
 
 @dataclass
@@ -321,6 +323,9 @@ def _validate(cfg: Config) -> None:
     positive("train.fast_forward", cfg.train.fast_forward, allow_zero=True)
     positive("train.fast_forward_rows", cfg.train.fast_forward_rows)
     positive("train.max_bad_steps", cfg.train.max_bad_steps)
+    positive("plan.world_size", cfg.plan.world_size, allow_zero=True)
+    if cfg.plan.zero_stage is not None and cfg.plan.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"config key 'plan.zero_stage': 0, 1, 2 or 3, got {cfg.plan.zero_stage}")
     positive("optim.lr", cfg.optim.lr)
     positive("optim.grad_clip", cfg.optim.grad_clip, allow_zero=True)
     positive("eval.max_tokens", cfg.eval.max_tokens)

@@ -11,6 +11,7 @@ probe on the real device when `plan.probe` is on.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,6 +158,23 @@ def memory_budget_bytes(cfg, device: torch.device) -> int:
     return int(psutil.virtual_memory().available * 0.9)
 
 
+def distributed_setup(cfg) -> tuple[int, int]:
+    """(world size, ZeRO stage) the run will have: the config's plan.* keys, else what the launcher
+    says — torchrun/accelerate set WORLD_SIZE; `accelerate launch` with a DeepSpeed or FSDP config
+    sets ACCELERATE_USE_DEEPSPEED / ACCELERATE_DEEPSPEED_ZERO_STAGE or ACCELERATE_USE_FSDP."""
+    env = os.environ
+    world = cfg.plan.world_size or int(env.get("WORLD_SIZE", "1"))
+    if cfg.plan.zero_stage is not None:
+        return world, cfg.plan.zero_stage
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return world, int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        if env.get("FSDP_VERSION") == "2":  # FSDP2: not resharding after forward keeps full weights, like ZeRO-2
+            return world, 3 if env.get("FSDP_RESHARD_AFTER_FORWARD", "true") == "true" else 2
+        return world, 2 if env.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").upper() in ("SHARD_GRAD_OP", "2") else 3
+    return world, 0
+
+
 def optimizer_extra(cfg) -> dict:
     """The optimizer options the memory model needs (projection rank, FRUGAL's subspace)."""
     return {"galore_rank": cfg.optim.rank, "frugal_subspace": cfg.optim.subspace, "frugal_density": cfg.optim.density,
@@ -181,8 +199,10 @@ def candidate_recipes(cfg, device: torch.device) -> list[Recipe]:
         # the config's own method keeps all its options; an alternative the planner adds gets its defaults and r
         return dataclasses.asdict(cfg.method) if method == cfg.method.name else {"name": method, "r": r}
 
+    world, zero = distributed_setup(cfg)
     return [
         Recipe(method=m, lora_r=r, micro_batch=mb, grad_accum=ga, seq_len=cfg.data.seq_len, gradient_checkpointing=ck,
+               world_size=world, zero_stage=zero,
                precision=device_precision, optimizer=cfg.optim.name, packed=cfg.data.pack,
                extra={"method_options": options(m), **optimizer_extra(cfg)})
         for m in methods for mb, ga in shapes for ck in ckpts
@@ -287,7 +307,9 @@ def apply_plan(cfg, plan: Plan):
 
 
 def recipe_from_config(cfg, device: torch.device) -> Recipe:
+    world, zero = distributed_setup(cfg)
     return Recipe(
+        world_size=world, zero_stage=zero,
         method=cfg.method.name, lora_r=getattr(cfg.method, "r", 16),
         extra={"method_options": dataclasses.asdict(cfg.method), **optimizer_extra(cfg)},
         micro_batch=cfg.train.micro_batch,
