@@ -58,6 +58,7 @@ class DataConfig:
     completion_field: str = "completion"
     messages_field: str = "messages"
     cache_dir: str | None = None  # tokenisation cache; default ~/.cache/budgetune
+    on_error: Literal["error", "skip"] = "error"  # a bad record: stop naming it, or skip it (counted in the summary)
 
 
 @dataclass
@@ -367,6 +368,23 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("model.init is 'scratch' but none of model.preset, model.name, model.arch says which architecture")
     if not cfg.data.train:
         raise ConfigError("config key 'data.train': required (files, folders or globs of training data)")
+    _validate_paths(cfg)
+
+
+def _validate_paths(cfg: Config) -> None:
+    """Paths that are empty or name the wrong kind of thing. An empty path would mean the
+    current folder: all of it read as data, or used as the run folder."""
+    for key in ("data.train", "data.eval"):
+        for i, path in enumerate(getattr(cfg.data, key.split(".")[1])):
+            if not path.strip():
+                raise ConfigError(f"config key '{key}[{i}]': an empty path; name a file, folder or glob")
+    if not cfg.output.dir.strip():
+        raise ConfigError("config key 'output.dir': an empty path; name the folder for this run (e.g. runs/my-run)")
+    if cfg.data.cache_dir is not None:
+        if not cfg.data.cache_dir.strip():
+            raise ConfigError("config key 'data.cache_dir': an empty path; name a folder or leave it unset (~/.cache/budgetune)")
+        if os.path.exists(cfg.data.cache_dir) and not os.path.isdir(cfg.data.cache_dir):
+            raise ConfigError(f"config key 'data.cache_dir': {cfg.data.cache_dir} is a file, not a folder; name a folder")
 
 
 def parse_interval(value: Interval) -> tuple[str, float] | None:

@@ -7,8 +7,9 @@ from typing import Iterator
 
 import numpy as np
 
+from .formats import DEFAULT_CHAT_TEMPLATE
 from .packing import IGNORE, Rows, build_rows, pack_examples
-from .sources import read_records, resolve
+from .sources import Skipped, read_records, resolve
 from .tokenize import TokenizedSet, tokenize_files
 
 __all__ = ["DataBundle", "prepare_data", "iter_texts", "Rows", "pack_examples", "build_rows", "IGNORE", "TokenizedSet"]
@@ -21,6 +22,8 @@ class DataBundle:
     format: str
     train_examples: int
     eval_examples: int
+    skipped: int = 0  # bad records left out under data.on_error: skip
+    skip_reasons: tuple[str, ...] = ()  # file:line and why, for the first few
 
     def summary(self) -> dict:
         return {
@@ -31,24 +34,44 @@ class DataBundle:
             "train_tokens": int(self.train.real_tokens.sum()),
             "eval_tokens": int(self.eval.real_tokens.sum()) if self.eval is not None else 0,
             "padding_fraction": round(self.train.padding_fraction, 4),
-            "truncated_examples": self.train.truncated + (self.eval.truncated if self.eval is not None else 0),
+            "truncated_examples": self.truncated,
+            "skipped_records": self.skipped,
+            "skipped_reasons": list(self.skip_reasons),
         }
+
+    @property
+    def truncated(self) -> int:
+        """Instruction/chat examples cut to data.seq_len (long text is split into rows instead)."""
+        return self.train.truncated + (self.eval.truncated if self.eval is not None else 0)
 
 
 def prepare_data(cfg, tokenizer, seed: int = 0, log=print) -> DataBundle:
     """Tokenise train (and eval) data and build rows; hold out a split when no eval data is given."""
     dcfg = cfg.data
     cache = dcfg.cache_dir
-    train_set = tokenize_files(resolve(dcfg.train, dcfg.max_files), tokenizer, dcfg, cache, log=log)
+    train_set = tokenize_files(resolve(dcfg.train, dcfg.max_files, "data.train"), tokenizer, dcfg, cache, log=log)
+    sets = [train_set]
     if dcfg.eval:
-        eval_set = tokenize_files(resolve(dcfg.eval), tokenizer, dcfg, cache, log=log)
+        eval_set = tokenize_files(resolve(dcfg.eval, key="data.eval"), tokenizer, dcfg, cache, log=log)
+        sets.append(eval_set)
     else:
         train_set, eval_set = split_heldout(train_set, dcfg.eval_fraction, seed)
+    if train_set.format == "chat" and getattr(tokenizer, "chat_template", None) == DEFAULT_CHAT_TEMPLATE:
+        log("chat data rendered with budgetune's default ChatML template (the tokenizer has none); "
+            "set tokenizer.chat_template to use another")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     train_rows = build_rows(train_set, dcfg.seq_len, dcfg.pack, pad_id)
     # eval rows are always packed: the loss is the same (tested) and it is cheaper
     eval_rows = build_rows(eval_set, dcfg.seq_len, True, pad_id) if len(eval_set) else None
-    return DataBundle(train_rows, eval_rows, train_set.format, len(train_set), len(eval_set))
+    skipped = sum(s.skipped for s in sets)
+    reasons = tuple(r for s in sets for r in s.skip_reasons)[: Skipped.SHOWN]
+    bundle = DataBundle(train_rows, eval_rows, train_set.format, len(train_set), len(eval_set), skipped, reasons)
+    if skipped:
+        log(f"data.on_error skip: left out {skipped} bad record(s); the first: " + "; ".join(reasons))
+    if bundle.truncated:
+        log(f"{bundle.truncated} example(s) longer than data.seq_len ({dcfg.seq_len} tokens) were truncated to it "
+            "(their ends are not learned); raise data.seq_len to keep them whole")
+    return bundle
 
 
 def split_heldout(data: TokenizedSet, fraction: float, seed: int) -> tuple[TokenizedSet, TokenizedSet]:
@@ -64,15 +87,24 @@ def split_heldout(data: TokenizedSet, fraction: float, seed: int) -> tuple[Token
 def iter_texts(cfg, limit_bytes: int = 0) -> Iterator[str]:
     """Raw text of the training data (for training a tokenizer), stopping after limit_bytes."""
     seen = 0
-    for path in resolve(cfg.data.train, cfg.data.max_files):
-        for record, _ in read_records(path, cfg.data.text_field):
-            for key in (cfg.data.text_field, cfg.data.prompt_field, cfg.data.completion_field):
-                if isinstance(record.get(key), str):
-                    yield record[key]
-                    seen += len(record[key])
-            for m in record.get(cfg.data.messages_field) or []:
-                if isinstance(m, dict) and isinstance(m.get("content"), str):
-                    yield m["content"]
-                    seen += len(m["content"])
+    # bad records are reported (or counted) by tokenisation, which reads the same files again
+    skipped = Skipped() if cfg.data.on_error == "skip" else None
+    for path in resolve(cfg.data.train, cfg.data.max_files, "data.train"):
+        for record, _ in read_records(path, cfg.data.text_field, skipped):
+            messages = record.get(cfg.data.messages_field)
+            contents = [m.get("content") for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
+            for text in [record.get(k) for k in (cfg.data.text_field, cfg.data.prompt_field, cfg.data.completion_field)] + contents:
+                if isinstance(text, str) and _is_text(text):
+                    yield text
+                    seen += len(text)
             if limit_bytes and seen >= limit_bytes:
                 return
+
+
+def _is_text(value: str) -> bool:
+    """False for strings with lone surrogates (from JSON escapes): tokenizers cannot take them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

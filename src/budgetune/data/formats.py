@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 Encoded = tuple[list[int], list[int]]  # (token ids, loss mask 0/1)
 
@@ -35,13 +35,25 @@ def _with_eos(ids: list[int], tokenizer) -> list[int]:
     return ids
 
 
-def _field(record: dict, name: str, where: str, fmt: str):
+def _text(value: str, where: str, what: str) -> str:
+    # JSON can escape a lone surrogate ("\ud800"): a Python string, but not text any tokenizer takes
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{where}: {what} holds a lone surrogate escape (such as \\ud800), which is not text; fix or remove this record") from None
+    return value
+
+
+def _field(record: dict, name: str, where: str, fmt: str, required: bool = False):
+    """The string field `name`; `required`: it must hold more than whitespace."""
     if name not in record:
         raise DataError(f"{where}: missing field '{name}' for {fmt} data (found: {', '.join(map(str, record)) or 'nothing'})")
     value = record[name]
     if not isinstance(value, str):
         raise DataError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
-    return value
+    if required and not value.strip():
+        raise DataError(f"{where}: empty '{name}' — nothing to learn from this record; fill or remove it (or set data.on_error: skip)")
+    return _text(value, where, f"field '{name}'")
 
 
 class TextFormat:
@@ -53,7 +65,7 @@ class TextFormat:
 
     @staticmethod
     def encode(records: Sequence[dict], wheres: Sequence[str], tokenizer, cfg) -> list[Encoded]:
-        texts = [_field(r, cfg.text_field, w, "text") for r, w in zip(records, wheres)]
+        texts = [_field(r, cfg.text_field, w, "text", required=True) for r, w in zip(records, wheres)]
         batch = tokenizer(texts, add_special_tokens=True)["input_ids"]
         return [(ids, [1] * len(ids)) for ids in (_with_eos(ids, tokenizer) for ids in batch)]
 
@@ -68,10 +80,7 @@ class PromptCompletionFormat:
     @staticmethod
     def encode(records: Sequence[dict], wheres: Sequence[str], tokenizer, cfg) -> list[Encoded]:
         prompts = [_field(r, cfg.prompt_field, w, "prompt_completion") for r, w in zip(records, wheres)]
-        completions = [_field(r, cfg.completion_field, w, "prompt_completion") for r, w in zip(records, wheres)]
-        for completion, where in zip(completions, wheres):
-            if not completion.strip():
-                raise DataError(f"{where}: empty '{cfg.completion_field}' — nothing to learn from this example")
+        completions = [_field(r, cfg.completion_field, w, "prompt_completion", required=True) for r, w in zip(records, wheres)]
         p_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
         c_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
         out = []
@@ -93,8 +102,17 @@ class ChatFormat:
         return [_encode_chat(r, w, tokenizer, cfg) for r, w in zip(records, wheres)]
 
 
-def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def _render(tokenizer, messages, add_generation_prompt: bool, where: str) -> str:
+    import jinja2
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except jinja2.TemplateSyntaxError as e:  # the template itself is broken: no record can fix that
+        raise ConfigError(f"config key 'tokenizer.chat_template': the chat template is not valid Jinja ({e.message}, "
+                          f"template line {e.lineno}); set tokenizer.chat_template to one that is") from None
+    except jinja2.TemplateError as e:  # the template refuses this conversation (e.g. roles must alternate)
+        raise DataError(f"{where}: the chat template refused this conversation ({e}); fix the record "
+                        "or set tokenizer.chat_template to a template that accepts it") from None
 
 
 def _encode_chat(record: dict, where: str, tokenizer, cfg) -> Encoded:
@@ -112,20 +130,21 @@ def _encode_chat(record: dict, where: str, tokenizer, cfg) -> Encoded:
             raise DataError(f"{where}: message {i} must be an object with string 'role' and 'content'")
         if m["role"] not in CHAT_ROLES:
             raise DataError(f"{where}: message {i} has unknown role {m['role']!r} (use one of {', '.join(sorted(CHAT_ROLES))})")
+        _text(m["content"], where, f"message {i}")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: no assistant message — nothing to learn from this conversation")
-    full = _render(tokenizer, messages, False)
+    full = _render(tokenizer, messages, False, where)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         # the reply starts where its content appears after the previous turns (this skips
         # the role header for any template, including a conversation opened by the assistant)
-        before = len(_render(tokenizer, messages[:i], False)) if i else 0
+        before = len(_render(tokenizer, messages[:i], False, where)) if i else 0
         found = full.find(m["content"], before) if m["content"] else -1
-        start = found if found >= 0 else (len(_render(tokenizer, messages[:i], True)) if i else before)
-        end = len(_render(tokenizer, messages[: i + 1], False))
-        if full[:end] != _render(tokenizer, messages[: i + 1], False) or start > end:
+        start = found if found >= 0 else (len(_render(tokenizer, messages[:i], True, where)) if i else before)
+        end = len(_render(tokenizer, messages[: i + 1], False, where))
+        if full[:end] != _render(tokenizer, messages[: i + 1], False, where) or start > end:
             raise DataError(
                 f"{where}: the chat template does not render conversations prefix by prefix, so assistant turns "
                 "cannot be located; set tokenizer.chat_template to a template that does"

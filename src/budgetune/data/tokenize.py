@@ -1,7 +1,8 @@
 """Tokenise sources into one flat token array, cached on disk and reused by later runs.
 
 The cache key covers the files (path, size, mtime), the tokenizer (its serialised
-vocabulary and chat template) and the format settings, so any change re-tokenises.
+vocabulary and chat template) and the format and on_error settings, so any change
+re-tokenises. Records skipped under data.on_error: skip are counted in the cache too.
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .formats import FORMATS, detect_format
-from .sources import read_records
+from .sources import Skipped, bad, read_records
 
 BATCH = 512
 
@@ -31,6 +32,8 @@ class TokenizedSet:
     loss_mask: np.ndarray  # uint8
     offsets: np.ndarray  # int64, len = n_examples + 1
     format: str
+    skipped: int = 0  # bad records left out (data.on_error: skip); a subset keeps none
+    skip_reasons: list[str] = field(default_factory=list)  # file:line and why, for the first few
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -60,12 +63,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def _cache_key(files: list[Path], tokenizer, cfg) -> str:
-    h = hashlib.sha256(b"budgetune-tokens-v1")
+    h = hashlib.sha256(b"budgetune-tokens-v2")  # v2: empty text is a bad record, on_error
     for f in files:
         st = f.stat()
         h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
     h.update(tokenizer_fingerprint(tokenizer).encode())
-    h.update(repr((cfg.format, cfg.text_field, cfg.prompt_field, cfg.completion_field, cfg.messages_field)).encode())
+    h.update(repr((cfg.format, cfg.text_field, cfg.prompt_field, cfg.completion_field, cfg.messages_field, cfg.on_error)).encode())
     return h.hexdigest()[:24]
 
 
@@ -78,16 +81,22 @@ def tokenize_files(files: list[Path], tokenizer, cfg, cache_dir: Path | None = N
         meta = json.loads((folder / "meta.json").read_text())
         log(f"tokenised data from cache ({meta['examples']} examples, {meta['tokens']} tokens): {folder}")
         return TokenizedSet(
-            np.load(folder / "tokens.npy"), np.load(folder / "loss_mask.npy"), np.load(folder / "offsets.npy"), meta["format"]
+            np.load(folder / "tokens.npy"), np.load(folder / "loss_mask.npy"), np.load(folder / "offsets.npy"), meta["format"],
+            meta.get("skipped", 0), meta.get("skip_reasons", []),
         )
     data = _tokenize(files, tokenizer, cfg)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"config key 'data.cache_dir' (or BUDGETUNE_CACHE): cannot create the cache folder {cache_dir} ({e}); "
+                          "point it at a writable folder") from None
     tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".tmp-"))
     try:
         np.save(tmp / "tokens.npy", data.tokens)
         np.save(tmp / "loss_mask.npy", data.loss_mask)
         np.save(tmp / "offsets.npy", data.offsets)
-        meta = {"examples": len(data), "tokens": int(len(data.tokens)), "format": data.format, "files": [str(f) for f in files[:50]]}
+        meta = {"examples": len(data), "tokens": int(len(data.tokens)), "format": data.format, "files": [str(f) for f in files[:50]],
+                "skipped": data.skipped, "skip_reasons": data.skip_reasons}
         (tmp / "meta.json").write_text(json.dumps(meta))
         os.replace(tmp, folder)
     except OSError:
@@ -98,36 +107,83 @@ def tokenize_files(files: list[Path], tokenizer, cfg, cache_dir: Path | None = N
 
 
 def _tokenize(files: list[Path], tokenizer, cfg) -> TokenizedSet:
+    """Read, check and encode every record. Records are encoded in batches, so a bad record
+    can surface after later lines were read; the batch is flushed before any error is raised
+    or counted, so the error raised, and the skip reasons kept, are the first in file order."""
     fmt_name = None if cfg.format == "auto" else cfg.format
+    skipped = Skipped() if cfg.on_error == "skip" else None
+    unread = Skipped() if skipped is not None else None  # what the reader skips, taken into `skipped` in order
     chunks_tokens, chunks_mask, lengths = [], [], []
     records, wheres = [], []
 
     def flush():
-        for ids, mask in FORMATS[fmt_name].encode(records, wheres, tokenizer, cfg):
+        if not records:
+            return
+        batch, places = records[:], wheres[:]
+        records.clear()
+        wheres.clear()
+        for ids, mask in _encode(FORMATS[fmt_name], batch, places, tokenizer, cfg, skipped):
             if len(ids) < 2:
                 continue  # nothing to predict
             chunks_tokens.append(np.asarray(ids, dtype=np.int32))
             chunks_mask.append(np.asarray(mask, dtype=np.uint8))
             lengths.append(len(ids))
-        records.clear()
-        wheres.clear()
 
-    for path in files:
-        for record, where in read_records(path, cfg.text_field):
-            if fmt_name is None:
-                fmt_name = detect_format(record, where, cfg)
-            elif not FORMATS[fmt_name].detect(record, cfg):
-                detected = detect_format(record, where, cfg)
-                raise DataError(f"{where}: this record is {detected} data but earlier records are {fmt_name}; use one format per dataset")
-            records.append(record)
-            wheres.append(where)
-            if len(records) >= BATCH:
-                flush()
-    if records:
+    def take_unread():
+        if unread is not None and unread.count:
+            flush()
+            skipped.absorb(unread)
+
+    try:
+        for path in files:
+            for record, where in read_records(path, cfg.text_field, unread):
+                take_unread()
+                try:
+                    if fmt_name is None:
+                        fmt_name = detect_format(record, where, cfg)
+                    elif not FORMATS[fmt_name].detect(record, cfg):
+                        detected = detect_format(record, where, cfg)
+                        raise DataError(f"{where}: this record is {detected} data but earlier records are {fmt_name}; use one format per dataset")
+                except DataError as e:
+                    flush()
+                    bad(e, skipped)
+                    continue
+                records.append(record)
+                wheres.append(where)
+                if len(records) >= BATCH:
+                    flush()
+            take_unread()
         flush()
+    except DataError:
+        flush()  # a bad record still waiting in the batch comes before the one that stopped reading
+        raise
     if not lengths:
         names = ", ".join(str(f) for f in files[:3])
-        raise DataError(f"no examples found in {names}{' ...' if len(files) > 3 else ''}: the files are empty")
+        more = " ..." if len(files) > 3 else ""
+        if skipped is not None and skipped.count:
+            raise DataError(f"no usable examples in {names}{more}: {skipped.count} bad records were skipped (data.on_error: skip); "
+                            f"the first: {skipped.reasons[0]}")
+        raise DataError(f"no examples found in {names}{more}: the files are empty")
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    return TokenizedSet(np.concatenate(chunks_tokens), np.concatenate(chunks_mask), offsets, fmt_name)
+    return TokenizedSet(np.concatenate(chunks_tokens), np.concatenate(chunks_mask), offsets, fmt_name,
+                        skipped.count if skipped else 0, list(skipped.reasons) if skipped else [])
+
+
+def _encode(fmt, records: list[dict], wheres: list[str], tokenizer, cfg, skipped: Skipped | None) -> list:
+    """Encode a batch; if a record in it is bad, go record by record so the error names the
+    first bad one (or each bad one is skipped) and the good ones are kept."""
+    try:
+        return fmt.encode(records, wheres, tokenizer, cfg)
+    except DataError as batch_error:
+        first_error = batch_error
+    out, found = [], False
+    for record, where in zip(records, wheres):
+        try:
+            out.extend(fmt.encode([record], [where], tokenizer, cfg))
+        except DataError as e:
+            found = True
+            bad(e, skipped)
+    if not found:  # the batch failed but no single record does: report what the batch said
+        raise first_error
+    return out
