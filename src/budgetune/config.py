@@ -425,10 +425,8 @@ def parse_overrides(args: list[str]) -> dict:
                 raise ConfigError(f"override {arg!r} has no value")
             key, raw = arg[2:], args[i + 1]
             i += 2
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
+        value = _yaml_value(raw)
+        _check_acyclic(value, f"--{key}")
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
@@ -437,6 +435,30 @@ def parse_overrides(args: list[str]) -> dict:
                 raise ConfigError(f"override --{key}: '{part}' is not a section")
         node[parts[-1]] = value
     return out
+
+
+# Besides YAMLError, PyYAML raises these: ValueError for impossible dates (2001-13-01),
+# AttributeError for some explicit tags (!!timestamp x), RecursionError for deep nesting.
+_YAML_VALUE_ERRORS = (ValueError, TypeError, AttributeError, RecursionError)
+
+
+def _yaml_value(raw: str):
+    """A command-line value parsed as YAML (`8` → 8, `[a, b]` → list); kept as the raw string
+    when it is not valid YAML, so `--data.train 'x[1'` still means the path it says."""
+    try:
+        return yaml.safe_load(raw)
+    except (yaml.YAMLError, *_YAML_VALUE_ERRORS):
+        return raw
+
+
+def _check_acyclic(value, where: str, _seen: tuple = ()) -> None:
+    """YAML aliases can build a list or mapping that contains itself; nothing in a config can use one."""
+    if not isinstance(value, (dict, list)):
+        return
+    if any(value is seen for seen in _seen):
+        raise ConfigError(f"{where}: a YAML alias (*name) refers to a mapping or list that contains it; write the value out")
+    for item in value.values() if isinstance(value, dict) else value:
+        _check_acyclic(item, where, _seen + (value,))
 
 
 def merge(base: dict, extra: dict) -> dict:
@@ -462,6 +484,9 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file (expected a YAML config)") from None
+    except _YAML_VALUE_ERRORS as e:  # PyYAML's other failures: see _yaml_value
+        raise ConfigError(f"{path}: not valid YAML ({type(e).__name__}: {e}); fix the file") from None
+    _check_acyclic(data, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
