@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .config import expand_path
 from .errors import ConfigError
 
 # Tiny architectures for training from scratch on small budgets (vocab comes from the tokenizer).
@@ -24,6 +25,29 @@ PRESETS: dict[str, dict] = {
 TOKENIZER_TRAIN_BYTES = 8_000_000  # enough text for a good small BPE; keeps training to seconds
 
 
+def model_source(name: str, key: str) -> str:
+    """A local folder (`~` expanded) or a hub id. A name that can only be a path but does not
+    exist is refused here: looked up on the hub it would fail with a confusing message."""
+    path = Path(expand_path(name))
+    if path.exists():
+        return str(path)
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name:
+        raise ConfigError(f"config key '{key}': no such folder {name!r}; give an existing local folder or a hub id such as Qwen/Qwen2.5-0.5B")
+    return name
+
+
+def _not_loadable(key: str, what: str, name: str, error: Exception) -> ConfigError:
+    # transformers raises OSError for missing files and ValueError for custom code that
+    # trust_remote_code does not allow or an unknown architecture: all fixed in the config
+    text = " ".join(str(error).split())  # one line: transformers' messages span several
+    if "trust_remote_code" in text:
+        return ConfigError(f"config key '{key}': {name!r} ships its own Python code, which budgetune runs only with "
+                           "model.trust_remote_code: true; set that only if you trust the code")
+    if what == "model" and "safetensors" in text:
+        text = text.rstrip(".") + "; budgetune loads weights from safetensors only, never from pickle files (.bin/.pt): convert them"
+    return ConfigError(f"config key '{key}': {what} {name!r} could not be loaded: {text}")
+
+
 def load_tokenizer(cfg, log=print):
     """The run's tokenizer: named, taken from the model, or trained on the training data."""
     from transformers import AutoTokenizer
@@ -37,10 +61,11 @@ def load_tokenizer(cfg, log=print):
         name = tcfg.name or cfg.model.name
         if not name:
             raise ConfigError("no tokenizer: set tokenizer.name (or model.name), or tokenizer.train_vocab_size to train one on the data")
+        key = "tokenizer.name" if tcfg.name else "model.name"
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code)
-        except OSError as e:
-            raise ConfigError(f"tokenizer {name!r} could not be loaded: {e}") from None
+            tokenizer = AutoTokenizer.from_pretrained(model_source(name, key), trust_remote_code=cfg.model.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise _not_loadable(key, "tokenizer", name, e) from None
     if tcfg.chat_template:
         tokenizer.chat_template = tcfg.chat_template
     elif not getattr(tokenizer, "chat_template", None):
@@ -90,18 +115,17 @@ def train_tokenizer(cfg, log=print):
 
 def model_config(cfg, tokenizer):
     """The transformers config of the model to train (for scratch: preset/name + arch overrides)."""
-    from transformers import AutoConfig, CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING
 
     mcfg = cfg.model
     if mcfg.init == "pretrained":
-        return AutoConfig.from_pretrained(mcfg.name, trust_remote_code=mcfg.trust_remote_code)
+        return _check_context(_pretrained_config(mcfg), cfg)
     if mcfg.preset:
         if mcfg.preset not in PRESETS:
             raise ConfigError(f"config key 'model.preset': unknown preset {mcfg.preset!r} (known: {', '.join(PRESETS)})")
         kwargs = {**PRESETS[mcfg.preset], **mcfg.arch}
     elif mcfg.name:
-        base = AutoConfig.from_pretrained(mcfg.name, trust_remote_code=mcfg.trust_remote_code)
-        kwargs = {**base.to_dict(), **mcfg.arch}
+        kwargs = {**_pretrained_config(mcfg).to_dict(), **mcfg.arch}
     else:
         kwargs = {"model_type": "llama", **mcfg.arch}
     model_type = kwargs.pop("model_type")
@@ -119,7 +143,26 @@ def model_config(cfg, tokenizer):
     kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
     # built from keyword arguments, not set on a default instance: derived fields such as
     # head_dim must follow hidden_size
-    return config_cls(**kwargs)
+    return _check_context(config_cls(**kwargs), cfg)
+
+
+def _pretrained_config(mcfg):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_source(mcfg.name, "model.name"), trust_remote_code=mcfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _not_loadable("model.name", "model config", mcfg.name, e) from None
+
+
+def _check_context(config, cfg):
+    """Rows longer than the model's positions would fail (learned positions) or extrapolate
+    silently (RoPE): refuse them before any work."""
+    context = getattr(config, "max_position_embeddings", None)
+    if isinstance(context, int) and cfg.data.seq_len > context:
+        raise ConfigError(f"config key 'data.seq_len': {cfg.data.seq_len} is longer than the model's context "
+                          f"(max_position_embeddings {context}); set data.seq_len to at most {context}")
+    return config
 
 
 def weights_dtype(cfg, device: torch.device, frozen_base: bool) -> torch.dtype:
@@ -142,15 +185,15 @@ def load_model(cfg, tokenizer, device: torch.device, frozen_base: bool = False):
     if mcfg.init == "pretrained":
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                mcfg.name,
+                model_source(mcfg.name, "model.name"),
                 config=config,
                 dtype=dtype,
                 trust_remote_code=mcfg.trust_remote_code,
                 use_safetensors=True,  # never unpickle weights
                 attn_implementation=mcfg.attn_implementation,
             )
-        except OSError as e:
-            raise ConfigError(f"model {mcfg.name!r} could not be loaded: {e}") from None
+        except (OSError, ValueError) as e:
+            raise _not_loadable("model.name", "model", mcfg.name, e) from None
     else:
         torch.manual_seed(cfg.train.seed)
         config._attn_implementation = mcfg.attn_implementation
