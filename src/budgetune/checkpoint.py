@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -101,6 +102,21 @@ def peek_step(path: Path) -> int:
     return json.loads((path / "state.json").read_text())["step"]
 
 
+def _load_tensors_only(file: Path):
+    """A torch.save file through torch's weights-only unpickler: tensors and plain containers
+    load; anything that would import or call code (a crafted pickle) is refused, not run."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message starts with advice to load with weights_only=False; keep only what it found
+        found = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        raise BudgetuneError(f"{file}: refusing to load it: it holds more than tensors, and loading it could run code"
+                             f"{' (' + found[0] + ')' if found else ''}; delete this checkpoint folder, or start the run "
+                             "again without --resume") from None
+    except (EOFError, RuntimeError) as e:  # truncated or not a torch file at all
+        raise BudgetuneError(f"{file}: not a readable checkpoint file ({e}); delete this checkpoint folder") from None
+
+
 def load_checkpoint(path: Path, named: dict, optimizer) -> dict:
     """Restore the named parameters, optimizer and RNG from `path`; return its state dict (with the
     method's own tensors under "method_tensors")."""
@@ -114,7 +130,7 @@ def load_checkpoint(path: Path, named: dict, optimizer) -> dict:
     with torch.no_grad():
         for name, p in named.items():
             p.copy_(params[name].to(p.device, p.dtype))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    optimizer.load_state_dict(_load_tensors_only(path / "optimizer.pt"))
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["torch_cpu"])
     if torch.cuda.is_available():

@@ -27,8 +27,14 @@ def export(run_dir: str | Path, merge: bool = False, out: str | Path | None = No
     method = get_method(cfg.method.name)
     kind = "merged" if merge else method.output
     target = Path(out) if out else run.path / "export" / kind
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise BudgetuneError(f"export target {target} already exists; pass --overwrite or choose --out")
+    if target.exists() and not target.is_dir():
+        raise BudgetuneError(f"export target {target} is a file; choose another --out")
+    if target.exists() and any(target.iterdir()):
+        if not overwrite:
+            raise BudgetuneError(f"export target {target} already exists; pass --overwrite or choose --out")
+        if not _is_export(target):  # --overwrite replaces an earlier export, never an unrelated folder
+            raise BudgetuneError(f"--overwrite: export target {target} is not a model or adapter folder; "
+                                 "refusing to delete it (choose another --out)")
     tmp = target.with_name(f".tmp-{target.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -45,6 +51,11 @@ def export(run_dir: str | Path, merge: bool = False, out: str | Path | None = No
         shutil.rmtree(target)
     os.replace(tmp, target)
     return target
+
+
+def _is_export(folder: Path) -> bool:
+    """A folder an export wrote: a transformers model or a peft adapter at its top level."""
+    return (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()
 
 
 def _point_adapter_at(folder: Path, base: Path) -> None:

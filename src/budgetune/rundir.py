@@ -9,6 +9,11 @@ from pathlib import Path
 
 from .errors import BudgetuneError
 
+# Written into every run folder budgetune creates: --overwrite deletes only folders that have
+# it (or, from before the marker, both config.yaml and metrics.jsonl), so a config naming
+# some other folder as output.dir can never get it deleted.
+MARKER = ".budgetune-run"
+
 
 @dataclass(frozen=True)
 class RunDir:
@@ -43,6 +48,10 @@ class RunDir:
     def exists(self) -> bool:
         return self.config.exists()
 
+    def is_run(self) -> bool:
+        """A folder budgetune made for a run (and so may delete on --overwrite)."""
+        return (self.path / MARKER).exists() or (self.config.exists() and self.metrics.exists())
+
     def check(self, resume: bool, overwrite: bool) -> None:
         """Refuse, before any work, a folder that cannot take this run (never overwrite silently)."""
         if resume:
@@ -57,14 +66,21 @@ class RunDir:
                     f"output folder {self.path} already holds files; use --resume to continue that run, "
                     "--overwrite to replace it, or set output.dir to a new folder"
                 )
-            if not self.exists() and not self.metrics.exists():
-                raise BudgetuneError(f"--overwrite: {self.path} is not a budgetune run folder; refusing to delete it")
+            if not self.is_run():
+                raise BudgetuneError(f"--overwrite: {self.path} is not a budgetune run folder; refusing to delete it "
+                                     "(empty it yourself, or set output.dir to a new folder)")
 
     def prepare(self, resume: bool, overwrite: bool) -> None:
         """Create the folder (emptying an old run when overwrite is set); call check() first."""
         if not resume and overwrite and self.path.exists():
             shutil.rmtree(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                (self.path / MARKER).touch()
+        except OSError as e:
+            raise BudgetuneError(f"config key 'output.dir': cannot create the run folder {self.path} ({e}); "
+                                 "choose a folder you can write to") from None
 
     def read_summary(self) -> dict:
         if not self.summary.exists():
