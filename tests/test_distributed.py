@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,3 +59,50 @@ def test_two_process_ddp_equals_single_process_accumulation(tmp_path, method):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert yaml.safe_load((tmp_path / "ddp" / "run" / "summary.json").read_text())["steps"] == 6
+
+    # and the distributed run's result exports like any other
+    from budgetune.export import export
+
+    out = export(tmp_path / "ddp" / "run", merge=True)
+    assert (out / "config.json").exists() and list(out.glob("*.safetensors"))
+
+
+@pytest.mark.slow
+def test_fsdp2_on_cpu_trains_checkpoints_resumes_and_exports_like_one_process(tmp_path):
+    """`accelerate launch` with examples/accelerate/fsdp2-cpu.yaml (2 processes, sharded weights,
+    gradients and optimizer states) equals one process with the same rows per step — before and
+    after a resume — and the result exports to a model transformers loads."""
+    from transformers import AutoModelForCausalLM
+
+    from budgetune.export import export
+
+    corpus = write_text_corpus(tmp_path / "corpus")
+    sharded = tiny_config(tmp_path / "fsdp", corpus, budget={"steps": 4}, train={"micro_batch": 2}, checkpoint={"every": 0.5})
+    (tmp_path / "fsdp").mkdir()
+    config_path = tmp_path / "fsdp" / "config.yaml"
+    config_path.write_text(yaml.safe_dump(sharded))
+    launcher = Path(__file__).resolve().parent.parent / "examples" / "accelerate" / "fsdp2-cpu.yaml"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launcher), "--main_process_port",
+           str(_free_port()), "-m", "budgetune", "train", str(config_path), "--quiet"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single_cfg = tiny_config(tmp_path / "single", corpus, budget={"steps": 4}, train={"micro_batch": 2, "grad_accum": 2},
+                             checkpoint={"every": 0.5})
+    train(single_cfg, quiet=True)
+    run, single = tmp_path / "fsdp" / "run", tmp_path / "single" / "run"
+    assert yaml.safe_load((run / "summary.json").read_text())["world_size"] == 2
+
+    def same(a, b):
+        for name, tensor in _weights(b).items():
+            torch.testing.assert_close(_weights(a)[name], tensor, rtol=1e-4, atol=1e-5)
+
+    same(run, single)
+    # resume both with a larger budget: the optimizer state restored into the shards must match
+    done = subprocess.run(cmd + ["--resume", "--budget.steps", "6"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single_cfg["budget"] = {"steps": 6}
+    train(single_cfg, resume=True, quiet=True)
+    same(run, single)
+    merged = AutoModelForCausalLM.from_pretrained(export(run, merge=True))
+    assert sum(p.numel() for p in merged.parameters()) == yaml.safe_load((run / "summary.json").read_text())["parameters"]

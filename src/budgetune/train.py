@@ -62,8 +62,9 @@ def _accelerator(cfg: Config, run: RunDir):
 
     cuda = torch.cuda.is_available()
     precision = "bf16" if cuda and torch.cuda.is_bf16_supported() and cfg.model.dtype in ("auto", "bfloat16") else "no"
-    return Accelerator(mixed_precision=precision, cpu=not cuda, log_with=check_trackers(cfg.tracking) or None,
-                       project_dir=str(run.path / "tracking"))
+    trackers = check_trackers(cfg.tracking)
+    return Accelerator(mixed_precision=precision, cpu=not cuda, log_with=trackers or None,
+                       project_dir=str(run.path / "tracking") if trackers else None)
 
 
 def _save_final(run: RunDir, method, model, tokenizer) -> None:
@@ -95,6 +96,7 @@ def train(config: str | Path | dict | Config | None = None, overrides=None, *, r
     if resume and not run.exists() and run.is_run():  # stopped before its config was written: nothing to resume yet
         resume, overwrite = False, True
     run.check(resume, overwrite)
+    accelerator.wait_for_everyone()  # every process has looked at the folder before the main one writes to it
     if main:
         run.prepare(resume, overwrite)
     accelerator.wait_for_everyone()
