@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import sysconfig
 import types
@@ -289,7 +290,7 @@ def _build_method(data: Any, key: str) -> MethodOptions:
     if not isinstance(data, dict):
         raise ConfigError(f"config key '{key}': expected a mapping, got {data!r}")
     name = data.get("name", "full")
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         raise ConfigError(f"config key '{key}.name': unknown method {name!r} (known: {', '.join(sorted(METHODS))})")
     return _build(METHODS[name].Options, data, key)
 
@@ -299,6 +300,8 @@ def _validate(cfg: Config) -> None:
     from .schedules import PROFILES
 
     def positive(key: str, value, allow_zero=False):
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"config key '{key}': must be a finite number, got {value!r}")
         if value is not None and (value < 0 or (value == 0 and not allow_zero)):
             raise ConfigError(f"config key '{key}': must be {'≥ 0' if allow_zero else '> 0'}, got {value!r}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,15 +71,22 @@ class RunDir:
                 raise BudgetuneError(f"--overwrite: {self.path} is not a budgetune run folder; refusing to delete it "
                                      "(empty it yourself, or set output.dir to a new folder)")
 
-    def prepare(self, resume: bool, overwrite: bool) -> None:
-        """Create the folder (emptying an old run when overwrite is set); call check() first."""
+    def prepare(self, resume: bool, overwrite: bool) -> Path | None:
+        """Create the folder; call check() first. An old run that overwrite replaces is moved aside
+        (returned): the caller deletes it once the new run is under way, or puts it back."""
+        previous = None
         if not resume and overwrite and self.path.exists():
-            shutil.rmtree(self.path)
+            previous = self.path.with_name(f".{self.path.name}.replaced-{os.getpid()}")
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(self.path, previous)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             if not resume:
                 (self.path / MARKER).touch()
+            return previous
         except OSError as e:
+            if previous is not None:
+                os.replace(previous, self.path)
             raise BudgetuneError(f"config key 'output.dir': cannot create the run folder {self.path} ({e}); "
                                  "choose a folder you can write to") from None
 

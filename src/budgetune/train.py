@@ -97,20 +97,29 @@ def train(config: str | Path | dict | Config | None = None, overrides=None, *, r
         resume, overwrite = False, True
     run.check(resume, overwrite)
     accelerator.wait_for_everyone()  # every process has looked at the folder before the main one writes to it
-    if main:
-        run.prepare(resume, overwrite)
+    previous = run.prepare(resume, overwrite) if main else None  # an old run that --overwrite replaces, set aside
+
+    def under_way() -> None:
+        """Config and data are good: the replaced run can go."""
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)
+
     accelerator.wait_for_everyone()
     try:
-        return _train(cfg, run, accelerator, resume, show=main and not quiet)
+        return _train(cfg, run, accelerator, resume, show=main and not quiet, under_way=under_way)
     except RunStopped:
         raise  # it left a checkpoint: keep the folder
-    except BudgetuneError:
-        if main and not resume:  # bad data found after the folder was made: leave nothing behind
+    except BaseException as e:
+        # bad config or data found after the folder was made, or a failure before the run got under
+        # way: leave nothing behind, and put back the run --overwrite was replacing
+        if main and not resume and (isinstance(e, BudgetuneError) or (previous is not None and previous.exists())):
             shutil.rmtree(run.path, ignore_errors=True)
+            if previous is not None and previous.exists():
+                os.replace(previous, run.path)
         raise
 
 
-def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> dict:
+def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool, under_way=lambda: None) -> dict:
     """The run itself: setup, the loop, the final eval and save."""
     main, world, rank, device = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index, accelerator.device
     log = (lambda m: say(m)) if show else (lambda m: None)
@@ -153,6 +162,8 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool) -> d
     started_at = time.time()
     with accelerator.main_process_first():
         data = prepare_data(cfg, tokenizer, seed=cfg.train.seed, log=log)
+    if accelerator.is_main_process:
+        under_way()
     log(f"data: {data.train_examples} {data.format} examples → {len(data.train)} rows of {cfg.data.seq_len} "
         f"({data.summary()['train_tokens']} tokens, padding {100 * data.train.padding_fraction:.1f}%), "
         f"{data.eval_examples} held out")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*(ms|s|sec|m|min|h|hr|d)?\s*$", re.I)
@@ -15,6 +16,8 @@ def _parse(value: str | float | int, pattern: re.Pattern, scales: dict, what: st
     if isinstance(value, bool):
         raise ValueError(f"not a {what}: {value!r}")
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"not a {what}: {value!r} (a finite number, e.g. {examples})")
         return float(value)
     match = pattern.match(str(value))
     if not match:

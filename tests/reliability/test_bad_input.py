@@ -195,6 +195,9 @@ CONFIG_CASES = [
     Case("section-not-mapping", {"train.jsonl": TEXT_OK}, ["'budget'"], args=["--budget", "[1, 2]"]),
     Case("negative-steps", {"train.jsonl": TEXT_OK}, ["'budget.steps'", "must be > 0"], args=["--budget.steps", "-3"]),
     Case("negative-time", {"train.jsonl": TEXT_OK}, ["'budget.time'"], args=["--budget.time", "-5s"]),
+    Case("nan-lr", {"train.jsonl": TEXT_OK}, ["'optim.lr'", "finite"], args=["--optim.lr", ".nan"]),
+    Case("infinite-time", {"train.jsonl": TEXT_OK}, ["'budget.time'", "finite"], args=["--budget.time", ".inf"]),
+    Case("list-as-method-name", {"train.jsonl": TEXT_OK}, ["'method.name'"], args=["--method.name", "[a]"]),
     Case("zero-tokens", {"train.jsonl": TEXT_OK}, ["'budget.tokens'"], args=["--budget.tokens", "0"]),
     Case("negative-flops", {"train.jsonl": TEXT_OK}, ["'budget.flops'"], args=["--budget.flops", "-1e15"]),
     Case("negative-memory", {"train.jsonl": TEXT_OK}, ["'budget.memory'"], args=["--budget.memory", "-24GB"]),
@@ -295,6 +298,18 @@ def test_output_folder_that_holds_a_run_is_kept(trained_run, tmp_path, capsys):
     code, err, _ = cli(capsys, "train", run / "config.yaml", "--output.dir", run, "--quiet")
     assert_one_clear_error(code, err, [str(run), "already holds files", "--resume", "--overwrite"])
     assert snapshot(run) == before
+
+
+def test_overwrite_with_bad_data_keeps_the_run_it_would_replace(trained_run, tmp_path, capsys):
+    """--overwrite replaces a run only once the new one is under way: bad data leaves the old one as it was."""
+    run = copy_run(trained_run, tmp_path)
+    before = snapshot(run)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": \n')
+    code, err, _ = cli(capsys, "train", run / "config.yaml", "--output.dir", run, "--data.train", bad, "--overwrite", "--quiet")
+    assert_one_clear_error(code, err, [f"{bad}:2"])
+    assert snapshot(run) == before
+    assert not list(tmp_path.glob(".run.replaced-*"))
 
 
 @pytest.mark.parametrize("how", ["flag", "config"])
@@ -645,8 +660,6 @@ def test_fuzz_config_file_gives_a_mapping_or_names_the_file(content):
             assert isinstance(data, dict)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="config._build_method: an unhashable method.name raises "
-                   "TypeError (method parsing is being reworked elsewhere; remove this mark when it raises ConfigError)")
 def test_unhashable_method_name_is_a_config_error():
     with pytest.raises(ConfigError, match="method.name"):
         load_config({"model": {"init": "scratch", "preset": "llama-test"}, "data": {"train": ["c.txt"]},
