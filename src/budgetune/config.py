@@ -29,13 +29,13 @@ Interval = typing.Union[float, str, None]  # fraction of the budget (0 < x ≤ 1
 @dataclass
 class ModelConfig:
     name: str | None = None  # Hugging Face hub id or local folder
-    init: Literal["pretrained", "scratch"] = "pretrained"
+    init: Literal["pretrained", "scratch"] = "pretrained"  # pretrained: load model.name's weights; scratch: random init from a preset/config
     preset: str | None = None  # scratch only: a named tiny architecture (see models.PRESETS)
     arch: dict = field(default_factory=dict)  # scratch only: config kwargs over the preset / model.name config
-    trust_remote_code: bool = False
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    gradient_checkpointing: bool = False
-    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False  # run a model's own Python code (auto_map); off unless you trust the source
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU; bf16 frozen base for adapters on a GPU
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% more compute); the planner may turn it on
+    attn_implementation: str = "sdpa"  # sdpa, eager or flash_attention_2 (transformers' names)
 
 
 @dataclass
@@ -49,15 +49,15 @@ class TokenizerConfig:
 class DataConfig:
     train: list[str] = field(default_factory=list)  # files, folders or globs; `{stdlib}` expands
     eval: list[str] = field(default_factory=list)  # held-out data; default: a split of train
-    format: Literal["auto", "text", "prompt_completion", "chat"] = "auto"
-    seq_len: int = 1024
+    format: Literal["auto", "text", "prompt_completion", "chat"] = "auto"  # auto: from the fields of the first record
+    seq_len: int = 1024  # tokens per row (packed rows hold several examples)
     pack: bool = True  # padding-free packing (METHODS.md §5)
-    eval_fraction: float = 0.05
+    eval_fraction: float = 0.05  # share of examples held out when data.eval is empty (seeded)
     max_files: int = 0  # 0 = all files of a folder
-    text_field: str = "text"
-    prompt_field: str = "prompt"
-    completion_field: str = "completion"
-    messages_field: str = "messages"
+    text_field: str = "text"  # JSONL/Parquet field of plain text
+    prompt_field: str = "prompt"  # field of the prompt (no loss on it)
+    completion_field: str = "completion"  # field of the completion (the loss)
+    messages_field: str = "messages"  # field of chat messages [{role, content}] (loss on assistant turns)
     cache_dir: str | None = None  # tokenisation cache; default ~/.cache/budgetune
     on_error: Literal["error", "skip"] = "error"  # a bad record: stop naming it, or skip it (counted in the summary)
 
@@ -71,12 +71,12 @@ class MethodOptions:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    name: str = "adamw"  # adamw, sgd, adamw8bit, adamw_fp8, galore, frugal, lomo
+    lr: float = 3e-4  # peak learning rate; the schedule scales it by budget progress
+    weight_decay: float = 0.0  # decoupled, matrices only
+    beta1: float = 0.9  # Adam β1 (SGD: momentum)
+    beta2: float = 0.95  # Adam β2
+    eps: float = 1e-8  # Adam ε
     grad_clip: float = 1.0  # 0 = off
     rank: int = 128  # galore/frugal: rank of the gradient projection
     update_gap: int = 200  # galore/frugal: optimizer steps between subspace refreshes
@@ -89,11 +89,11 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = "cosine"
+    name: str = "cosine"  # constant, linear, cosine, rex, wsd: a function of budget progress
     warmup: float = 0.02  # fraction of the budget
-    min_ratio: float = 0.0
+    min_ratio: float = 0.0  # the LR's floor as a fraction of optim.lr
     decay: float = 0.2  # WSD: fraction of the budget spent annealing
-    decay_shape: Literal["linear", "sqrt", "exp"] = "linear"
+    decay_shape: Literal["linear", "sqrt", "exp"] = "linear"  # WSD: shape of the final decay
 
 
 @dataclass
@@ -109,10 +109,10 @@ class BudgetConfig:
 
 @dataclass
 class TrainConfig:
-    micro_batch: int = 8
-    grad_accum: int = 1
-    seed: int = 0
-    deterministic: bool = False
+    micro_batch: int = 8  # rows per forward/backward; the planner may change it when you do not set it
+    grad_accum: int = 1  # micro-batches per optimizer step (rows per step = micro_batch × grad_accum × processes)
+    seed: int = 0  # model init, data order, held-out split
+    deterministic: bool = False  # torch deterministic algorithms (bit-exact resume checks)
     fast_forward: int = 0  # adapter methods: every N optimizer steps, repeat the last update while a tiny held-out loss falls (0 = off)
     fast_forward_rows: int = 4  # held-out rows (of data.seq_len tokens) that judge the repeats; not used by the reported eval
     max_bad_steps: int = 5  # non-finite steps in a row before going back to the last checkpoint (LR halved), then stopping
@@ -123,13 +123,13 @@ class EvalConfig:
     every: Interval = 0.25  # fraction of the budget, or a duration; null = only at start and end
     max_tokens: int = 65536  # cap on held-out tokens per evaluation
     prompts: list[str] = field(default_factory=list)  # generation samples at the end
-    sample_tokens: int = 48
+    sample_tokens: int = 48  # new tokens per generation sample
 
 
 @dataclass
 class CheckpointConfig:
     every: Interval = 0.5  # fraction of the budget, or a duration ("5m"); null = only at the end
-    keep: int = 2
+    keep: int = 2  # newest checkpoints kept
 
 
 @dataclass
@@ -143,8 +143,8 @@ class PlanConfig:
 
 @dataclass
 class OutputConfig:
-    dir: str = "runs/run"
-    overwrite: bool = False
+    dir: str = "runs/run"  # the run folder: config, metrics, checkpoints, model, report
+    overwrite: bool = False  # replace a run already in output.dir (same as --overwrite)
     report: bool = True  # write RUN_DIR/report.html at the end
 
 
