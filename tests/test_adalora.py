@@ -40,6 +40,11 @@ def test_budget_progress_drives_the_rank_schedule(tmp_path, chat, monkeypatch, s
     ranks = _ranks(trained)
     # the final allocation keeps target_r per matrix on average (peft prunes to the budget, ties may keep a few more)
     assert sum(ranks) <= 2 * len(ranks) + 2 and max(ranks) <= 6
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "base")
+    for n, p in trained.named_parameters():  # only the adapter trained: the base inside is unchanged
+        if "lora_" not in n and "ranknum" not in n:
+            key = n.replace("base_model.model.", "").replace(".base_layer", "")
+            torch.testing.assert_close(p, base.state_dict()[key], rtol=0, atol=0)
     config = json.loads((tmp_path / "run" / "model" / "adapter_config.json").read_text())
     assert config["rank_pattern"]  # saved with the adapter: peft reloads the pruned shapes
 

@@ -52,3 +52,14 @@ def test_memory_model_keeps_activations_only_for_trained_layers():
     top2 = estimate_memory(config, Recipe(method="freeze", micro_batch=4, seq_len=256, extra={"method_options": {"layers": 2}}))
     assert top2.sizes["activations"] < full.sizes["activations"] / 2
     assert top2.terms["optimizer_states"] < full.terms["optimizer_states"] / 3
+
+
+def test_resume_is_exact(tmp_path, monkeypatch):
+    from helpers import interrupted_and_uninterrupted
+
+    chat = write_chat_jsonl(tmp_path / "chat.jsonl")
+    straight, resumed = interrupted_and_uninterrupted(tmp_path, chat, monkeypatch, method={"name": "freeze", "layers": 1},
+                                                      budget={"steps": 8}, checkpoint={"every": 0.5}, optim={"lr": 1e-2})
+    assert straight.keys() == resumed.keys()
+    for name, tensor in straight.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0)

@@ -28,6 +28,6 @@ def demo(overrides=None, overwrite: bool = True, quiet: bool = False) -> dict:
             console.rule(f"sample: {prompt!r}", style="dim")
             console.print(prompt + text, markup=False, highlight=False)
         console.rule()
-        say(f"run folder: {summary['run_dir']} (metrics.jsonl, summary.json, model/, checkpoints/)")
+        say(f"run folder: {summary['run_dir']} (report.html, metrics.jsonl, summary.json, model/, checkpoints/)")
     summary["samples"] = [{"prompt": p, "completion": s} for p, s in zip(cfg.eval.prompts, samples)]
     return summary
