@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import MethodOptions
-from . import Method, register
+from . import register
+from .peft_tuners import PeftTuner
 
 TICKS = 10_000  # resolution of the virtual timeline peft schedules on
 
@@ -40,11 +41,9 @@ class AdaLoraOptions(MethodOptions):
 
 
 @register
-class AdaLora(Method):
+class AdaLora(PeftTuner):
     name = "adalora"
     Options = AdaLoraOptions
-    adapter = True
-    output = "adapter"
 
     def peft_config(self, opts):
         from peft import AdaLoraConfig
@@ -67,9 +66,7 @@ class AdaLora(Method):
         )
 
     def prepare(self, model, opts):
-        from peft import get_peft_model
-
-        model = get_peft_model(model, self.peft_config(opts))
+        model = super().prepare(model, opts)
         model._adalora_final = False  # whether the final rank allocation has been made
         return model
 
@@ -122,6 +119,3 @@ class AdaLora(Method):
             getattr(allocator, kind)[name] = t.to(next(model.parameters()).device)
         model._adalora_final = info.get("final", False)
         tuner.peft_config[tuner.trainable_adapter_name].rank_pattern = info.get("rank_pattern")
-
-    def merged(self, model):
-        return model.merge_and_unload()
