@@ -71,22 +71,31 @@ def save_checkpoint(root: Path, step: int, params: dict, optimizer, state: dict,
         for f in tmp.iterdir():
             _fsync_file(f)
         _fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
-            shutil.rmtree(final)
+        replaced = _retire(final) if final.exists() else None  # re-saving a step (final save right after a periodic one)
         os.rename(tmp, final)
         _fsync_dir(root)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(_retire(old), ignore_errors=True)
     return final
 
 
+def _retire(path: Path) -> Path:
+    """Rename a checkpoint out of the complete set before deleting it: a kill in the middle of a
+    recursive delete must not leave a half-deleted folder that still looks complete."""
+    gone = path.with_name(f".tmp-delete-{path.name}-{os.getpid()}")
+    os.rename(path, gone)
+    return gone
+
+
 def clean_partial(root: Path) -> None:
-    """Remove the temporary folders of checkpoint writes that never finished (a kill mid-write)."""
+    """Remove what a kill left behind: checkpoint writes that never finished, deletes half done."""
     if root.exists():
-        for p in root.glob(".tmp-step-*"):
+        for p in [*root.glob(".tmp-step-*"), *root.glob(".tmp-delete-*")]:
             shutil.rmtree(p, ignore_errors=True)
 
 
