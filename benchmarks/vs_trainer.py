@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -41,12 +40,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve()
 
 
+def peak_rss_bytes() -> int:
+    from budgetune.metrics import peak_rss_bytes as peak
+
+    return peak()
+
+
 # --- the baseline, run inside its own process ------------------------------------------------------
 
 
 def run_trainer(spec: dict) -> dict:
     """HF Trainer on the examples budgetune prepared; returns its measurements."""
-    import numpy as np
     import torch
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
@@ -121,7 +125,7 @@ def run_trainer(spec: dict) -> dict:
     return {
         "eval_loss": loss, "steps": result.global_step, "max_steps": max_steps, "finished_schedule": result.global_step >= max_steps,
         "elapsed_s": elapsed, "train_s": train_s, "tokens": counted["tokens"], "tokens_per_s": counted["tokens"] / train_s,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_bytes() / 2**20,
     }
 
 
@@ -133,7 +137,7 @@ def run_budgetune(spec: dict) -> dict:
     return {
         "eval_loss": summary["eval_loss_after"], "steps": summary["steps"], "elapsed_s": summary["elapsed_s"],
         "tokens": summary["tokens"], "tokens_per_s": summary["train_tokens_per_s_median"],
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_bytes() / 2**20,
         "predicted_mb": (summary.get("predicted") or {}).get("peak_memory_mb"),
         "evals": [(e["seconds"], e["eval_loss"]) for e in events if e.get("event") == "eval"],
     }
@@ -227,7 +231,7 @@ def main() -> None:
     parts = args.parts.split(",")
     if "quality" in parts:
         rows = quality(work, args.minutes)
-        print(f"\n| task | budget | baseline loss (steps, schedule done?) | budgetune loss (steps) | budgetune reaches the baseline's loss at |")
+        print("\n| task | budget | baseline loss (steps, schedule done?) | budgetune loss (steps) | budgetune reaches the baseline's loss at |")
         print("|---|---|---|---|---|")
         for r in rows:
             t, o = r["theirs"], r["ours"]

@@ -5,11 +5,10 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-from budgetune.report import PLOTS, report
+from budgetune.report import PLOTS
 from budgetune.train import train
 
 from helpers import tiny_config, write_text_corpus

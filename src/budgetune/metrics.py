@@ -14,7 +14,23 @@ def peak_memory_bytes(device: torch.device) -> int:
     """Peak memory of this process: CUDA allocator peak on GPU, resident-set high-water on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    """This process's resident-set high-water mark.
+
+    Linux: VmHWM from /proc/self/status, the high-water of this program's own memory. Not
+    getrusage's ru_maxrss: that one survives fork + exec, so a process started by a large
+    parent (a test runner, a notebook) reports the parent's size as its own peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux/BSD report KiB
 
 
 class MetricsLog:

@@ -11,8 +11,8 @@ stdout) so that nothing of the caller's heap, and no earlier measurement, is in 
 
 What is measured
 ----------------
-CPU: `peak_bytes` = the process's RSS high-water mark (`getrusage(RUSAGE_SELF).ru_maxrss`)
-at the end, minus `baseline_bytes` = the RSS right before the model is created (after every
+CPU: `peak_bytes` = the process's RSS high-water mark (VmHWM; not `ru_maxrss`, which a
+child inherits from a larger parent across fork + exec — see metrics.peak_rss_bytes) at the end, minus `baseline_bytes` = the RSS right before the model is created (after every
 import). Why this and not a tensor count:
 
 * RSS high-water is the real peak of the process — what the kernel's OOM killer sees — so
@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -84,7 +83,9 @@ def _rss_bytes() -> int:
 
 
 def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    from ..metrics import peak_rss_bytes
+
+    return peak_rss_bytes()
 
 
 def make_batch(config, recipe: Recipe, generator) -> dict:
