@@ -392,7 +392,12 @@ def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_b
     post = tokens * post_activation_elements(arch) * act
     float_mask = b * t * t * act if masked else 0  # per layer, saved by SDPA
     bool_mask = b * t * t if masked else 0
-    logits = 3 * tokens * arch.vocab * 4
+    # evaluate.token_losses: [tokens, V] fp32 logits, a float copy and the log-softmax — or, with
+    # the chunked head + loss of large vocabularies, those three for one chunk of tokens at a time
+    from ..evaluate import loss_chunk
+
+    chunk = loss_chunk(config)
+    logits = 3 * (min(tokens, chunk) if chunk else tokens) * arch.vocab * 4
     layer_ws = tokens * max(arch.intermediate, 3 * arch.hidden) * act
     if recipe.gradient_checkpointing:
         saved_per_layer, mask_per_layer = tokens * arch.hidden * act, 0
