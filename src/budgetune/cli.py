@@ -41,12 +41,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--lm-eval", help="comma-separated lm-evaluation-harness tasks (pip install lm-eval), e.g. hellaswag,arc_easy")
     p.add_argument("--lm-eval-limit", type=int, help="examples per lm-eval task (quick checks)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a run trained with model.trust_remote_code to load")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p = sub.add_parser("export", help="export an adapter or a merged model")
     p.add_argument("run_dir")
     p.add_argument("--merge", action="store_true", help="fold the adapter into the base weights")
     p.add_argument("--out", help="target folder (default RUN_DIR/export/<kind>)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a run trained with model.trust_remote_code to load")
     p = sub.add_parser("report", help="an HTML report of one run, or several compared")
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out", help="HTML file (default RUN_DIR/report.html; for several runs ./report.html)")
@@ -85,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
             result = evaluate(args.run_dir, data=args.data, prompts=args.prompt, max_tokens=args.max_tokens,
                               log=lambda m: print(m, file=sys.stderr),  # stdout stays clean for --json
-                              lm_eval=args.lm_eval.split(",") if args.lm_eval else None, lm_eval_limit=args.lm_eval_limit)
+                              lm_eval=args.lm_eval.split(",") if args.lm_eval else None, lm_eval_limit=args.lm_eval_limit,
+                              trust_remote_code=args.trust_remote_code)
             if args.json:
                 print(json.dumps(result, indent=2))
             else:
@@ -97,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             from .export import export
 
-            print(export(args.run_dir, merge=args.merge, out=args.out, overwrite=args.overwrite))
+            print(export(args.run_dir, merge=args.merge, out=args.out, overwrite=args.overwrite,
+                         trust_remote_code=args.trust_remote_code))
         elif args.command == "report":
             from .report import report
 

@@ -96,8 +96,12 @@ def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     return out
 
 
-def load_trained(run_dir: str | Path, device: str | torch.device = "cpu"):
-    """(model, tokenizer, config) of a finished run, as plain transformers/peft objects."""
+def load_trained(run_dir: str | Path, device: str | torch.device = "cpu", trust_remote_code: bool = False):
+    """(model, tokenizer, config) of a finished run, as plain transformers/peft objects.
+
+    A run folder may come from someone else: its own config.yaml saying
+    `model.trust_remote_code: true` is not enough to run the model's code here — the caller
+    must say so too (`--trust-remote-code`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .config import load_config
@@ -107,16 +111,21 @@ def load_trained(run_dir: str | Path, device: str | torch.device = "cpu"):
     run = RunDir(Path(run_dir))
     run.require_model()
     cfg = load_config(run.config)
+    if cfg.model.trust_remote_code and not trust_remote_code:
+        from .errors import BudgetuneError
+
+        raise BudgetuneError(f"{run.path}: this run was trained with model.trust_remote_code: true, so loading it runs the "
+                             "model's own Python code; pass --trust-remote-code if you trust this run folder")
     tokenizer = AutoTokenizer.from_pretrained(str(run.model))
     method = get_method(cfg.method.name)
     if method.output == "adapter":
         from peft import PeftModel
 
         base_path = str(run.base) if run.base.exists() else cfg.model.name
-        base = AutoModelForCausalLM.from_pretrained(base_path, use_safetensors=True, trust_remote_code=cfg.model.trust_remote_code)
+        base = AutoModelForCausalLM.from_pretrained(base_path, use_safetensors=True, trust_remote_code=trust_remote_code)
         model = PeftModel.from_pretrained(base, str(run.model))
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(run.model), use_safetensors=True, trust_remote_code=cfg.model.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(str(run.model), use_safetensors=True, trust_remote_code=trust_remote_code)
     return model.to(device), tokenizer, cfg
 
 
@@ -137,14 +146,14 @@ def lm_eval_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, 
 
 
 def evaluate(run_dir: str | Path, data: list[str] | None = None, prompts: list[str] | None = None, max_tokens: int | None = None,
-             log=print, lm_eval: list[str] | None = None, lm_eval_limit: int | None = None) -> dict:
+             log=print, lm_eval: list[str] | None = None, lm_eval_limit: int | None = None, trust_remote_code: bool = False) -> dict:
     """Held-out loss/perplexity of a finished run on its own eval split (or on `data`), samples,
     and optionally lm-evaluation-harness task scores."""
     from .data import prepare_data
     from .config import merge, load_config
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, cfg = load_trained(run_dir, device)
+    model, tokenizer, cfg = load_trained(run_dir, device, trust_remote_code)
     if data:
         cfg = load_config(merge(cfg.to_dict(), {"data": {"eval": list(data)}}))
     bundle = prepare_data(cfg, tokenizer, seed=cfg.train.seed, log=log)

@@ -10,7 +10,8 @@ from .errors import BudgetuneError
 from .rundir import RunDir
 
 
-def export(run_dir: str | Path, merge: bool = False, out: str | Path | None = None, overwrite: bool = False) -> Path:
+def export(run_dir: str | Path, merge: bool = False, out: str | Path | None = None, overwrite: bool = False,
+           trust_remote_code: bool = False) -> Path:
     """Write RUN_DIR/export/{adapter,merged,model} (or `out`); return the folder.
 
     merge=False: adapter methods give a peft adapter folder (PeftModel.from_pretrained);
@@ -39,7 +40,7 @@ def export(run_dir: str | Path, merge: bool = False, out: str | Path | None = No
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     if merge and method.output == "adapter":
-        model, tokenizer, _ = load_trained(run.path)
+        model, tokenizer, _ = load_trained(run.path, trust_remote_code=trust_remote_code)
         model = method.merged(model)
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))

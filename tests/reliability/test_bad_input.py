@@ -532,6 +532,19 @@ def test_trust_remote_code_is_off_by_default(tmp_path, tok_dir, monkeypatch):
     assert seen == [False]
 
 
+def test_a_run_folder_cannot_opt_itself_into_remote_code(trained_run, tmp_path, capsys):
+    """Loading a run folder whose config.yaml says trust_remote_code: true (eval, export --merge)
+    needs the caller's --trust-remote-code too (a shared folder could otherwise run its own code)."""
+    run = copy_run(trained_run, tmp_path)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["model"]["trust_remote_code"] = True
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    code, err, _ = cli(capsys, "eval", run, "--prompt", "x")  # (export of a full model copies files: no code runs)
+    assert_one_clear_error(code, err, [str(run), "--trust-remote-code"])
+    code, _, _ = cli(capsys, "eval", run, "--prompt", "x", "--trust-remote-code")
+    assert code == 0
+
+
 def _calls(tree):
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
