@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import resource
-import time
 from pathlib import Path
 
 import torch
@@ -37,13 +36,11 @@ class MetricsLog:
     """Appends records, one line each, flushed as written (a kill loses at most a torn last
     line, which the next run's log cuts off before appending)."""
 
-    def __init__(self, path: Path | None, flush_every_s: float = 0.0, tracker=None):
+    def __init__(self, path: Path | None, tracker=None):
         self._tracker = tracker  # accelerator.log, when experiment trackers are on (main process only)
         if path is not None and path.exists():
             _drop_torn_last_line(path)
         self._file = open(path, "a", encoding="utf-8") if path is not None else None
-        self._flush_every = flush_every_s
-        self._last_flush = time.monotonic()
 
     def write(self, **record) -> None:
         if self._file is None:
@@ -53,9 +50,7 @@ class MetricsLog:
             if values:
                 self._tracker(values, step=record["step"])
         self._file.write(json.dumps(record) + "\n")
-        if time.monotonic() - self._last_flush >= self._flush_every:
-            self._file.flush()
-            self._last_flush = time.monotonic()
+        self._file.flush()
 
     def close(self) -> None:
         if self._file is not None:
