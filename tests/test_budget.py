@@ -257,7 +257,7 @@ def test_state_dict_carries_elapsed_time_across_resume():
     first.record_step(500, 15.0)
     first.record_step(500, 15.0)
     state = first.state_dict()
-    assert state == {"elapsed_s": pytest.approx(30.0), "tokens": 1000, "steps": 2, "max_p": 0.0}
+    assert state == {"elapsed_s": pytest.approx(30.0), "tokens": 1000, "steps": 2, "max_p": 0.0, "train_start_s": None}
     assert first.progress() == pytest.approx(0.3)
     state = first.state_dict()
     assert state["max_p"] == pytest.approx(0.3)
@@ -292,3 +292,60 @@ def test_spent_s_constructor_argument():
     assert bc.elapsed() == pytest.approx(60.0)
     clock.advance(20)
     assert bc.progress() == pytest.approx(0.8)
+
+
+# --------------------------------------------------------------------------- schedule progress and cadence
+
+
+def test_schedule_progress_starts_at_the_first_optimizer_step():
+    """Data preparation and the first eval use budget time but not schedule progress: warmup starts at step 1."""
+    budget = Budget(time_s=100.0, reserve_s=10.0)
+    clock, fake = make(budget)
+    fake.advance(30)  # tokenisation + first eval
+    assert clock.progress() == pytest.approx(30 / 90)
+    clock.start_training()
+    assert clock.schedule_progress() == 0.0
+    fake.advance(30)  # half of what is left before the reserve
+    assert clock.schedule_progress() == pytest.approx(0.5)
+    assert clock.progress() == pytest.approx(60 / 90)
+    fake.advance(30)  # the budget's end is the schedule's end
+    assert clock.schedule_progress() == pytest.approx(1.0) and clock.progress() == pytest.approx(1.0)
+    clock.start_training()  # a second call (every step makes it) changes nothing
+    assert clock.train_start_s == pytest.approx(30.0)
+
+
+def test_schedule_progress_survives_resume_with_a_larger_budget():
+    clock, fake = make(Budget(time_s=100.0, reserve_s=0.0))
+    fake.advance(20)
+    clock.start_training()
+    fake.advance(40)
+    state = clock.state_dict()
+    resumed, _ = make(Budget(time_s=180.0, reserve_s=0.0))
+    resumed.load_state_dict(state)
+    assert resumed.schedule_progress() == pytest.approx(40 / 160)  # counted from the first step, against the new budget
+
+
+def test_token_budget_schedule_progress_equals_progress():
+    clock, _ = make(Budget(tokens=1000))
+    clock.start_training()
+    clock.record_step(250, 1.0)
+    assert clock.schedule_progress() == clock.progress() == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("time_s, cost, expected", [
+    (150.0, 2.0, ("progress", 0.5)),   # 2% of 150 s = 3 s buys one 2 s eval, at the middle
+    (150.0, 4.0, None),                 # not even one
+    (600.0, 3.0, ("progress", 0.2)),   # 12 s buys four
+    (36000.0, 5.0, ("progress", 0.1)),  # a 10-hour run: capped at nine (every 10%)
+])
+def test_auto_eval_interval_prices_evals_into_a_time_budget(time_s, cost, expected):
+    from budgetune.budget import auto_eval_interval
+
+    got = auto_eval_interval(Budget(time_s=time_s), cost)
+    assert got == (expected if expected is None else pytest.approx(expected))
+
+
+def test_auto_eval_interval_without_a_time_budget_is_every_quarter():
+    from budgetune.budget import auto_eval_interval
+
+    assert auto_eval_interval(Budget(steps=100), 50.0) == ("progress", 0.25)

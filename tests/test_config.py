@@ -70,7 +70,7 @@ def test_load_from_dict_and_defaults():
     assert cfg.model.init == "scratch" and cfg.model.preset == "llama-test"
     assert cfg.budget.time == "90s"
     assert cfg.method.name == "full"
-    assert cfg.eval.every == 0.25 and cfg.checkpoint.every == 0.5
+    assert cfg.eval.every == "auto" and cfg.checkpoint.every == "auto"
 
 
 def test_load_from_config_round_trips():

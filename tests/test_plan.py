@@ -118,3 +118,67 @@ def test_planner_reads_world_size_and_zero_stage_from_the_launcher(monkeypatch):
     four = estimate_memory(config, recipe_from_config(load_config(cfg, {"plan": {"world_size": 4, "zero_stage": 3}}), torch.device("cpu")))
     assert four.terms["optimizer_states"] == one.terms["optimizer_states"] // 4
     assert four.terms["weights"] == one.terms["weights"] // 4
+
+
+# --------------------------------------------------------------------------- the batch for the budget
+
+
+def test_batch_rule_on_hand_computed_cases():
+    from budgetune.budget import Budget
+    from budgetune.plan.batch import batch_tokens_for, choose_batch, step_law_lr
+
+    assert batch_tokens_for(1e6, scratch=True) == pytest.approx(0.58 * 10 ** (6 * 0.571))  # 1,546.8
+    assert batch_tokens_for(1e6, scratch=True) == pytest.approx(1546.8, rel=1e-3)
+    assert batch_tokens_for(100, scratch=True) == 256  # a floor: a step of a handful of tokens is noise
+    assert step_law_lr(1e6, 1e6) == pytest.approx(1.79 * 10 ** (6 * (0.307 - 0.713)))  # 6.56e-3
+    # a token budget: D is the budget
+    choice = choose_batch(Budget(tokens=1e6), None, 6e6, seq_len=512, world=1, scratch=True)
+    assert choice.tokens_in_budget == 1e6 and choice.rows_per_step == 3  # 1,547 / 512 → 3 rows
+    # a time budget: D = 90% of the time at the predicted speed (150 s × 4,000 tokens/s → 540k tokens)
+    choice = choose_batch(Budget(time_s=150), 4000.0, 6e6, seq_len=512, world=1, scratch=True,
+                          non_embedding_params=1e6, choose_lr=True)
+    assert choice.tokens_in_budget == pytest.approx(540_000)
+    assert choice.batch_tokens == int(0.58 * 540_000 ** 0.571)  # 1,087
+    assert choice.rows_per_step == 2
+    assert choice.lr == pytest.approx(step_law_lr(1e6, 540_000))
+    assert "because the budget buys ~540k tokens" in choice.describe(512)
+    # the smallest of several budgets decides; two processes get whole rows each
+    choice = choose_batch(Budget(time_s=150, tokens=2e5), 4000.0, 6e6, seq_len=256, world=2, scratch=True)
+    assert choice.tokens_in_budget == 2e5 and choice.rows_per_step % 2 == 0
+    # a step budget alone gives no D: the configured batch stays
+    assert choose_batch(Budget(steps=100), 4000.0, 6e6, seq_len=256, world=1, scratch=True) is None
+
+
+def _open_config(tmp_path, **sections):
+    corpus = write_text_corpus(tmp_path / "c", n_files=2)
+    cfg = tiny_config(tmp_path, corpus, **sections)
+    cfg["train"] = {k: v for k, v in cfg["train"].items() if k not in ("micro_batch", "grad_accum")}
+    cfg["optim"] = {}
+    return cfg
+
+
+def test_plan_chooses_the_batch_and_lr_from_the_budget(tmp_path):
+    cfg = load_config(_open_config(tmp_path, budget={"steps": None, "tokens": 20_000}))
+    plan = make_plan(cfg, probe_steps=0, log=lambda m: None)
+    rows = round(max(256, 0.58 * 20_000 ** 0.571) / 64)  # seq_len 64 in tiny_config; 166 tokens → the 256-token floor
+    assert plan.batch.rows_per_step == rows
+    assert all(c.recipe.micro_batch * c.recipe.grad_accum == rows for c in plan.candidates)
+    planned = apply_plan(cfg, plan)
+    assert planned.optim.lr == pytest.approx(plan.batch.lr)  # scratch, LR left open: Step Law's LR
+    assert any("because the budget buys ~20k tokens" in n for n in plan.notes)
+
+
+def test_pinned_batch_lr_and_micro_batch_stay(tmp_path):
+    base = _open_config(tmp_path, budget={"steps": None, "tokens": 20_000})
+    cfg = load_config(base, {"train": {"batch_tokens": 512}, "optim": {"lr": 1e-3}})
+    plan = make_plan(cfg, probe_steps=0, log=lambda m: None)
+    assert plan.batch is None and all(c.recipe.micro_batch * c.recipe.grad_accum == 8 for c in plan.candidates)
+    assert apply_plan(cfg, plan).optim.lr == 1e-3
+    # a pinned micro-batch is a memory detail: accumulation fills the chosen batch
+    cfg = load_config(base, {"train": {"micro_batch": 2}})
+    plan = make_plan(cfg, probe_steps=0, log=lambda m: None)
+    assert {(c.recipe.micro_batch, c.recipe.grad_accum) for c in plan.candidates} == {(2, max(1, round(plan.batch.rows_per_step / 2)))}
+    # grad_accum pinned: rows per step = micro_batch × grad_accum, as before
+    cfg = load_config(base, {"train": {"grad_accum": 2}})
+    plan = make_plan(cfg, probe_steps=0, log=lambda m: None)
+    assert plan.batch is None and all(c.recipe.micro_batch * c.recipe.grad_accum == 16 for c in plan.candidates)

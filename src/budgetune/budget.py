@@ -47,6 +47,31 @@ class Budget:
         return ", ".join(parts)
 
 
+# Periodic evals and checkpoints are priced into the budget ("auto" cadence): a 150 s run does not
+# need three evals and a checkpoint, a 10-hour run does.
+AUTO_EVAL_SHARE = 0.02  # periodic evals may cost at most this share of a time budget
+AUTO_EVAL_MAX = 9  # and there are at most this many (every 10% of the budget)
+AUTO_EVAL_UNTIMED = 3  # tokens/steps/FLOPs budgets: evals cost no budget, so every 25%
+AUTO_CHECKPOINT_S = 600.0  # a checkpoint every 10 minutes of wall-clock: a kill loses ≤ 10 minutes; runs shorter get none
+
+
+def auto_eval_interval(budget: Budget, eval_cost_s: float) -> tuple[str, float] | None:
+    """('progress', f) for `eval.every: auto`, or None when no periodic eval is worth its cost.
+
+    With a time budget, n periodic evals cost n × eval_cost_s of training time; n is the largest
+    count within AUTO_EVAL_SHARE of the budget (at most AUTO_EVAL_MAX), spaced evenly."""
+    if budget.time_s is None:
+        n = AUTO_EVAL_UNTIMED
+    else:
+        n = min(AUTO_EVAL_MAX, int(AUTO_EVAL_SHARE * budget.time_s / max(eval_cost_s, 1e-3)))
+    return ("progress", 1.0 / (n + 1)) if n > 0 else None
+
+
+def auto_checkpoint_interval() -> tuple[str, float]:
+    """('seconds', s) for `checkpoint.every: auto`."""
+    return ("seconds", AUTO_CHECKPOINT_S)
+
+
 class BudgetClock:
     """Tracks consumption of a Budget and reports progress.
 
@@ -66,6 +91,8 @@ class BudgetClock:
         self._fixed_reserve = budget.reserve_s is not None
         self.step_seconds = 0.0  # running estimate of one optimizer step's duration
         self._max_p = 0.0
+        self._max_q = 0.0
+        self.train_start_s: float | None = None  # budget seconds used when the first optimizer step began
 
     # --- consumption -------------------------------------------------------------------
     def elapsed(self) -> float:
@@ -82,14 +109,22 @@ class BudgetClock:
         if not self._fixed_reserve:
             self.reserve_s = seconds
 
+    def start_training(self) -> None:
+        """Mark the first optimizer step. The LR schedule (warmup included) runs from here: time spent
+        on data preparation and the first eval is budget used, but not schedule progress."""
+        if self.train_start_s is None:
+            self.train_start_s = self.elapsed()
+
     # --- progress ----------------------------------------------------------------------
-    def fractions(self) -> dict[str, float]:
-        """Progress of each budget that is set, before taking the maximum."""
+    def fractions(self, from_training: bool = False) -> dict[str, float]:
+        """Progress of each budget that is set, before taking the maximum. `from_training`: the time
+        budget's share counted from the first optimizer step (what the schedule follows)."""
         b = self.budget
         out = {}
         if b.time_s is not None:
-            window = max(1e-9, b.time_s - self.reserve_s)
-            out["time"] = self.elapsed() / window
+            t0 = (self.train_start_s or 0.0) if from_training else 0.0
+            window = max(1e-9, b.time_s - self.reserve_s - t0)
+            out["time"] = max(0.0, self.elapsed() - t0) / window
         if b.tokens is not None:
             out["tokens"] = self.tokens / b.tokens
         if b.steps is not None:
@@ -109,6 +144,15 @@ class BudgetClock:
         self._max_p = max(self._max_p, p)
         return self._max_p
 
+    def schedule_progress(self) -> float:
+        """q ∈ [0, 1]: the progress the LR schedule follows — like progress(), but a time budget's share
+        is counted from the first optimizer step, so warmup starts at step 1 and annealing still ends
+        with the budget. Never decreases."""
+        fractions = self.fractions(from_training=True)
+        q = min(1.0, max(fractions.values())) if fractions else 0.0
+        self._max_q = max(self._max_q, q)
+        return self._max_q
+
     def should_stop(self) -> bool:
         """True when the next optimizer step would end further past the budget than stopping now."""
         if self.progress() >= 1.0:
@@ -127,12 +171,14 @@ class BudgetClock:
         return max(0.0, self.budget.time_s - self.elapsed())
 
     def state_dict(self) -> dict:
-        return {"elapsed_s": self.elapsed(), "tokens": self.tokens, "steps": self.steps, "max_p": self._max_p}
+        return {"elapsed_s": self.elapsed(), "tokens": self.tokens, "steps": self.steps, "max_p": self._max_p,
+                "train_start_s": self.train_start_s}
 
     def load_state_dict(self, state: dict) -> None:
         self._spent_before = state["elapsed_s"]
         self._started = self._clock()
         self.tokens = state["tokens"]
         self.steps = state["steps"]
+        self.train_start_s = state.get("train_start_s")
         # max_p is not restored: a resumed run may carry a larger budget (continue a WSD
         # run from its stable phase), and its progress must be measured against that

@@ -23,7 +23,7 @@ import yaml
 from .errors import ConfigError
 from .units import parse_bytes, parse_count, parse_duration
 
-Interval = typing.Union[float, str, None]  # fraction of the budget (0 < x ≤ 1) or a duration ("5m")
+Interval = typing.Union[float, str, None]  # fraction of the budget (0 < x ≤ 1), a duration ("5m") or "auto"
 
 
 @dataclass
@@ -109,6 +109,7 @@ class BudgetConfig:
 
 @dataclass
 class TrainConfig:
+    batch_tokens: str | int | None = None  # tokens per optimizer step (all processes); null = the planner picks it from the tokens the budget buys
     micro_batch: int = 8  # rows per forward/backward; the planner may change it when you do not set it
     grad_accum: int = 1  # micro-batches per optimizer step (rows per step = micro_batch × grad_accum × processes)
     seed: int = 0  # model init, data order, held-out split
@@ -120,7 +121,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    every: Interval = 0.25  # fraction of the budget, or a duration; null = only at start and end
+    every: Interval = "auto"  # fraction of the budget, a duration, or auto (periodic evals cost ≤ 2% of a time budget, at most 4); null = only at start and end
     max_tokens: int = 65536  # cap on held-out tokens per evaluation
     prompts: list[str] = field(default_factory=list)  # generation samples at the end
     sample_tokens: int = 48  # new tokens per generation sample
@@ -128,7 +129,7 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: Interval = 0.5  # fraction of the budget, or a duration ("5m"); null = only at the end
+    every: Interval = "auto"  # fraction of the budget, a duration ("5m"), or auto (every 10 minutes of wall-clock); null = only at the end
     keep: int = 2  # newest checkpoints kept
 
 
@@ -322,6 +323,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("config key 'data.seq_len': must be at least 2")
     if not 0 <= cfg.data.eval_fraction < 1:
         raise ConfigError(f"config key 'data.eval_fraction': must be in [0, 1), got {cfg.data.eval_fraction}")
+    if cfg.train.batch_tokens is not None:
+        try:
+            positive("train.batch_tokens", parse_count(cfg.train.batch_tokens))
+        except ValueError as e:
+            raise ConfigError(f"config key 'train.batch_tokens': {e}") from None
     positive("train.micro_batch", cfg.train.micro_batch)
     positive("train.grad_accum", cfg.train.grad_accum)
     positive("train.fast_forward", cfg.train.fast_forward, allow_zero=True)
@@ -391,9 +397,11 @@ def _validate_paths(cfg: Config) -> None:
 
 
 def parse_interval(value: Interval) -> tuple[str, float] | None:
-    """`0.25` → ('progress', 0.25); `'5m'` → ('seconds', 300); None/0 → None."""
+    """`0.25` → ('progress', 0.25); `'5m'` → ('seconds', 300); `'auto'` → ('auto', 0); None/0 → None."""
     if value is None or value == 0:
         return None
+    if value == "auto":  # resolved by the loop once it knows what an eval or a save costs (budget.py)
+        return ("auto", 0.0)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if not 0 < value <= 1:
             raise ValueError(f"a number must be a fraction of the budget in (0, 1], got {value} (or give a duration like '5m')")

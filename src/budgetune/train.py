@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .budget import Budget, BudgetClock
+from .budget import Budget, BudgetClock, auto_checkpoint_interval, auto_eval_interval
 from .checkpoint import clean_partial, list_checkpoints, load_checkpoint, peek_step, save_checkpoint
 from .config import Config, dump_config, load_config, parse_interval
 from .console import TrainProgress, quiet_libraries, say
@@ -43,10 +43,12 @@ REPORT_S = 1.5  # kept back for report.html (matplotlib import + five SVG plots:
 
 
 class Every:
-    """A periodic trigger measured in budget progress or in seconds."""
+    """A periodic trigger measured in budget progress or in seconds; `auto` is the interval that
+    `interval: auto` resolves to (budget.auto_eval_interval / auto_checkpoint_interval)."""
 
-    def __init__(self, interval, start_p: float = 0.0, start_s: float = 0.0):
-        self.kind, self.value = parse_interval(interval) or (None, 0.0)
+    def __init__(self, interval, start_p: float = 0.0, start_s: float = 0.0, auto: tuple[str, float] | None = None):
+        parsed = parse_interval(interval)
+        self.kind, self.value = (auto if parsed and parsed[0] == "auto" else parsed) or (None, 0.0)
         self.last = start_p if self.kind == "progress" else start_s
 
     def due(self, p: float, elapsed: float) -> bool:
@@ -125,7 +127,9 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool, unde
     log = (lambda m: say(m)) if show else (lambda m: None)
 
     # --- plan: fill in what the config leaves open, and predict memory and speed ----------------
+    planning_started = time.monotonic()
     cfg, prediction = plan_for_training(cfg, log=log)
+    planning_s = time.monotonic() - planning_started  # its speed probe is paid from a time budget
 
     # --- model, method, optimizer ----------------------------------------------------------
     torch.manual_seed(cfg.train.seed)
@@ -158,7 +162,7 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool, unde
     log(f"model: {format_count(total)} parameters, {format_count(trainable)} trainable ({cfg.method.name}); device {device}, {world} process(es)")
 
     # --- the budget clock starts here: data preparation counts against it -------------------
-    clock = BudgetClock(Budget.from_config(cfg.budget), fpt)
+    clock = BudgetClock(Budget.from_config(cfg.budget), fpt, spent_s=0.0 if resume else planning_s)
     started_at = time.time()
     with accelerator.main_process_first():
         data = prepare_data(cfg, tokenizer, seed=cfg.train.seed, log=log)
@@ -244,14 +248,13 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool, unde
         save_rate = 4 * (3 * trainable) / max(1e-3, time.monotonic() - t)
         update_reserve()
 
-    eval_every = Every(cfg.eval.every, clock.progress(), clock.elapsed())
-    ckpt_every = Every(cfg.checkpoint.every, clock.progress(), clock.elapsed())
+    eval_every = Every(cfg.eval.every, clock.progress(), clock.elapsed(), auto=auto_eval_interval(clock.budget, eval_cost))
+    ckpt_every = Every(cfg.checkpoint.every, clock.progress(), clock.elapsed(), auto=auto_checkpoint_interval())
     lr, loss_value, tokens_per_s = 0.0, float("nan"), 0.0
     fused = updates_in_backward(cfg.optim)  # LOMO / layer-wise: a bad loss must not reach backward
     stopping = torch.zeros(1, device=device)
     step_rates: list[float] = []  # tokens/s of each optimizer step (periodic evals and saves excluded)
     previous_step_s = 0.0
-    p_before = clock.progress()
     model.train()
     log(f"budget: {clock.budget.describe()} (reserve {clock.reserve_s:.1f}s for final eval + save); eval loss before {loss_before:.4f}")
 
@@ -301,6 +304,8 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool, unde
             if stopping.item():
                 break
             t0 = time.monotonic()
+            clock.start_training()  # warmup and the schedule count from the first optimizer step
+            q_before = clock.schedule_progress()
             rows = [sampler.next() for _ in range(accum)]
             while True:
                 try:
@@ -323,11 +328,10 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool, unde
             # the step-time estimate (used to stop on time) is the previous step's full duration,
             # optimizer included; the first step has only its forward and backward to go by
             clock.record_step(step_tokens, previous_step_s or time.monotonic() - t0)
-            p = clock.progress()
+            p, q = clock.progress(), clock.schedule_progress()
             # the LR of a step is the schedule at the middle of the progress it covers: neither
             # the first step (warmup) nor the last (annealed to zero) is wasted at lr = 0
-            lr = cfg.optim.lr * bad.lr_factor * lr_multiplier(0.5 * (p_before + p), cfg.schedule)
-            p_before = p
+            lr = cfg.optim.lr * bad.lr_factor * lr_multiplier(0.5 * (q_before + q), cfg.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             # the norm is taken (and non-finite gradients found) even with clipping off
@@ -354,7 +358,7 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool, unde
             if fast_forwarding:
                 fast_forward.remember(trainable_params)
             optimizer.step()
-            method.after_update(raw_model, cfg.method, p)  # e.g. AdaLoRA reallocates ranks (needs the gradients)
+            method.after_update(raw_model, cfg.method, q)  # e.g. AdaLoRA reallocates ranks (needs the gradients)
             optimizer.zero_grad(set_to_none=True)
             if fast_forwarding:
                 repeats, ff_loss = fast_forward.run(trainable_params)
@@ -365,7 +369,7 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool, unde
             seconds = previous_step_s = time.monotonic() - t0
             tokens_per_s = step_tokens / max(seconds, 1e-9)
             step_rates.append(tokens_per_s)
-            metrics.write(step=clock.steps, tokens=clock.tokens, seconds=round(clock.elapsed(), 3), progress=round(p, 5),
+            metrics.write(step=clock.steps, tokens=clock.tokens, seconds=round(clock.elapsed(), 3), progress=round(p, 5), schedule_progress=round(q, 5),
                           loss=loss_value, lr=lr, tokens_per_s=round(tokens_per_s, 1), grad_norm=float(grad_norm),
                           memory_mb=round(peak_memory_bytes(device) / 2**20, 1), epoch=round(sampler.epoch, 4))
             bar.update(p, clock.steps, loss_value, lr, tokens_per_s, clock.time_left(), clock.governing())

@@ -19,8 +19,10 @@ import torch
 
 from ..optim import updates_in_backward
 from ..units import format_bytes, format_count, parse_bytes, parse_count, parse_duration
+from .batch import BatchChoice, choose_batch, rows_from_batch_tokens
 from .memory import MemoryEstimate, estimate_memory
 from .recipe import Recipe
+from ..budget import Budget
 from .scaling import ScratchProposal, propose_scratch
 from .throughput import device_flops_guess, probe, step_flops_per_token
 
@@ -64,6 +66,7 @@ class Plan:
     unique_tokens: float | None
     scratch: ScratchProposal | None = None
     notes: list[str] = field(default_factory=list)
+    batch: BatchChoice | None = None  # tokens per step chosen for the budget (None: pinned, or a step budget)
 
     @property
     def fitting(self) -> list[Candidate]:
@@ -81,6 +84,7 @@ class Plan:
             "best": self.best.to_dict() if self.best else None,
             "candidates": [c.to_dict() for c in self.candidates],
             "scratch": vars(self.scratch) if self.scratch else None,
+            "batch": vars(self.batch) if self.batch else None,
             "notes": self.notes,
         }
 
@@ -181,15 +185,36 @@ def optimizer_extra(cfg) -> dict:
             "layerwise": cfg.optim.layerwise}
 
 
-def candidate_recipes(cfg, device: torch.device) -> list[Recipe]:
+def batch_is_open(cfg) -> bool:
+    """The planner may choose the tokens per optimizer step: the user set neither train.batch_tokens
+    nor train.grad_accum (with grad_accum set, rows per step = micro_batch × grad_accum as configured).
+    A pinned train.micro_batch alone is a memory/speed detail: accumulation fills the chosen batch."""
+    return cfg.train.batch_tokens is None and "train.grad_accum" not in cfg.explicit
+
+
+def rows_per_process(cfg, world: int, planned_rows: int | None = None) -> int:
+    """Rows per optimizer step on each process: the pinned batch, else the planner's, else the config's."""
+    if cfg.train.batch_tokens is not None:
+        return rows_from_batch_tokens(parse_count(cfg.train.batch_tokens), cfg.data.seq_len, world) // world
+    if planned_rows is not None and batch_is_open(cfg):
+        return max(1, planned_rows // world)
+    return cfg.train.micro_batch * cfg.train.grad_accum
+
+
+def candidate_recipes(cfg, device: torch.device, planned_rows: int | None = None) -> list[Recipe]:
+    """Every recipe the config leaves open. `planned_rows`: rows per step (all processes) that the
+    planner chose for the budget (plan/batch.py); pinned keys win over it."""
     pinned = cfg.explicit
     device_precision = "bf16-mixed" if device.type == "cuda" else "fp32"
     methods = [cfg.method.name] if "method.name" in pinned or cfg.method.name not in ("full", "lora") else ["full", "lora"]
-    rows_per_step = cfg.train.micro_batch * cfg.train.grad_accum
+    world, zero = distributed_setup(cfg)
+    rows_per_step = rows_per_process(cfg, world, planned_rows)
     if "train.micro_batch" in pinned:
-        shapes = [(cfg.train.micro_batch, cfg.train.grad_accum)]
+        mb = cfg.train.micro_batch  # pinned: a floor on the rows per step
+        shapes = [(mb, cfg.train.grad_accum if "train.grad_accum" in pinned else max(1, round(rows_per_step / mb)))]
     else:
-        shapes = [(mb, rows_per_step // mb) for mb in (1, 2, 4, 8, 16, 32, 64) if rows_per_step % mb == 0]
+        shapes = [(mb, rows_per_step // mb) for mb in range(1, min(rows_per_step, 64) + 1) if rows_per_step % mb == 0
+                  and (mb & (mb - 1) == 0 or mb == rows_per_step)]  # powers of two, and the whole step at once
     if updates_in_backward(cfg.optim):  # updates inside backward: no accumulation possible
         shapes = [(mb * ga, 1) for mb, ga in shapes if ga == 1] or [(rows_per_step, 1)]
     ckpts = [cfg.model.gradient_checkpointing] if "model.gradient_checkpointing" in pinned else [False, True]
@@ -199,7 +224,6 @@ def candidate_recipes(cfg, device: torch.device) -> list[Recipe]:
         # the config's own method keeps all its options; an alternative the planner adds gets its defaults and r
         return dataclasses.asdict(cfg.method) if method == cfg.method.name else {"name": method, "r": r}
 
-    world, zero = distributed_setup(cfg)
     return [
         Recipe(method=m, lora_r=r, micro_batch=mb, grad_accum=ga, seq_len=cfg.data.seq_len, gradient_checkpointing=ck,
                world_size=world, zero_stage=zero,
@@ -209,8 +233,15 @@ def candidate_recipes(cfg, device: torch.device) -> list[Recipe]:
     ]
 
 
-def make_plan(cfg, probe_steps: int | None = None, log=print) -> Plan:
-    """Rank the candidate recipes for this config on this machine."""
+PROBE_BATCH_MAX_PARAMS = 1e9  # below this a random-init probe is quick, and FLOP-based guesses are furthest off
+
+
+def make_plan(cfg, probe_steps: int | None = None, log=print, measure_batch_speed: bool | None = None) -> Plan:
+    """Rank the candidate recipes for this config on this machine.
+
+    `measure_batch_speed`: time one step of the top recipe before choosing the batch from the tokens
+    a time budget buys (default: when probing is on, or for models under 1B parameters on this
+    machine — FLOP-based guesses are furthest off for small models, whose steps are overhead-bound)."""
     device = target_device(cfg)
     here = device.type == "cpu" or torch.cuda.is_available()
     config = plan_model_config(cfg)
@@ -219,26 +250,45 @@ def make_plan(cfg, probe_steps: int | None = None, log=print) -> Plan:
     unique = estimate_unique_tokens(cfg)
     achieved = device_flops_guess(device)
     counts: dict[str, tuple[int, int, int]] = {}
-    candidates = []
-    for recipe in candidate_recipes(cfg, device):
-        if recipe.method not in counts:
-            counts[recipe.method] = parameter_counts(config, recipe)
-        total, n_matmul, n_trainable = counts[recipe.method]
-        memory = estimate_memory(config, recipe, device.type)
-        fpt = step_flops_per_token(config, recipe, n_matmul, n_trainable)
-        c = Candidate(recipe, memory, memory.trainable, fpt, achieved / fpt)
-        if memory.total > memory_budget:
-            biggest = max(memory.terms, key=memory.terms.get)
-            c.fits, c.why_not = False, (f"needs {format_bytes(memory.total)} > {format_bytes(memory_budget)} "
-                                        f"(largest term: {biggest} {format_bytes(memory.terms[biggest])})")
-        elif trainable_cap is not None and c.trainable > trainable_cap:
-            c.fits, c.why_not = False, f"{format_count(c.trainable)} trainable parameters > cap {format_count(trainable_cap)}"
-        candidates.append(c)
+
+    def evaluate(recipes: list[Recipe]) -> list[Candidate]:
+        out = []
+        for recipe in recipes:
+            if recipe.method not in counts:
+                counts[recipe.method] = parameter_counts(config, recipe)
+            total, n_matmul, n_trainable = counts[recipe.method]
+            memory = estimate_memory(config, recipe, device.type)
+            fpt = step_flops_per_token(config, recipe, n_matmul, n_trainable)
+            c = Candidate(recipe, memory, memory.trainable, fpt, achieved / fpt)
+            if memory.total > memory_budget:
+                biggest = max(memory.terms, key=memory.terms.get)
+                c.fits, c.why_not = False, (f"needs {format_bytes(memory.total)} > {format_bytes(memory_budget)} "
+                                            f"(largest term: {biggest} {format_bytes(memory.terms[biggest])})")
+            elif trainable_cap is not None and c.trainable > trainable_cap:
+                c.fits, c.why_not = False, f"{format_count(c.trainable)} trainable parameters > cap {format_count(trainable_cap)}"
+            out.append(c)
+        return out
 
     method_rank = {"full": 0, "lora": 1}
     rank = lambda c: (not c.fits, method_rank.get(c.recipe.method, 2), -c.tokens_per_s, c.recipe.gradient_checkpointing, -c.recipe.micro_batch)  # noqa: E731
-    candidates.sort(key=rank)
+    candidates = sorted(evaluate(candidate_recipes(cfg, device)), key=rank)
     notes = []
+    batch = None
+    if batch_is_open(cfg) and candidates:
+        # the objective is the model at the end of the budget: the batch follows the tokens it buys
+        best = candidates[0]
+        total, n_matmul, _ = counts[best.recipe.method]
+        if measure_batch_speed is None:
+            measure_batch_speed = bool(probe_steps) or (total < PROBE_BATCH_MAX_PARAMS and (device.type == "cpu" or torch.cuda.is_available()))
+        if measure_batch_speed and cfg.budget.time is not None and best.fits:
+            _calibrate(config, [best], 1, device, log)
+        batch = choose_batch(Budget.from_config(cfg.budget), best.tokens_per_s, best.flops_per_token, cfg.data.seq_len,
+                             best.recipe.world_size, scratch=cfg.model.init == "scratch",
+                             non_embedding_params=non_embedding_parameters(config, n_matmul),
+                             choose_lr="optim.lr" not in cfg.explicit)
+        if batch is not None:
+            candidates = sorted(evaluate(candidate_recipes(cfg, device, batch.rows_per_step)), key=rank)
+            notes.append(batch.describe(cfg.data.seq_len))
     steps = probe_steps if probe_steps is not None else (2 if cfg.plan.probe and here else 0)
     if steps and candidates and candidates[0].fits:
         _calibrate(config, [c for c in candidates if c.fits][:4], steps, device, log)
@@ -258,7 +308,13 @@ def make_plan(cfg, probe_steps: int | None = None, log=print) -> Plan:
             budget_flops = (candidates[0].tokens_per_s * candidates[0].flops_per_token) * time_s
         if budget_flops:
             scratch = propose_scratch(budget_flops, unique)
-    return Plan(device.type, memory_budget, candidates, unique, scratch, notes)
+    return Plan(device.type, memory_budget, candidates, unique, scratch, notes, batch)
+
+
+def non_embedding_parameters(config, n_matmul: int) -> float:
+    """Step Law's N: the matmul parameters without the LM head (the embedding is no matmul)."""
+    head = (getattr(config, "vocab_size", 0) or 0) * (getattr(config, "hidden_size", 0) or 0)
+    return float(max(1, n_matmul - head))
 
 
 def _calibrate(config, candidates: list[Candidate], steps: int, device: torch.device, log) -> None:
@@ -295,8 +351,11 @@ def apply_plan(cfg, plan: Plan):
     overrides = {}
     if "method.name" not in cfg.explicit and r.method != cfg.method.name:
         overrides["method"] = {"name": r.method}
-    if "train.micro_batch" not in cfg.explicit:
-        overrides["train"] = {"micro_batch": r.micro_batch, "grad_accum": r.grad_accum}
+    train = {k: v for k, v in (("micro_batch", r.micro_batch), ("grad_accum", r.grad_accum)) if f"train.{k}" not in cfg.explicit}
+    if train:
+        overrides["train"] = train
+    if plan.batch is not None and plan.batch.lr is not None and "optim.lr" not in cfg.explicit:
+        overrides["optim"] = {"lr": plan.batch.lr}
     if "model.gradient_checkpointing" not in cfg.explicit:
         overrides["model"] = {"gradient_checkpointing": r.gradient_checkpointing}
     if not overrides:
@@ -333,6 +392,8 @@ def plan_for_training(cfg, log=print):
             raise BudgetuneError(f"no recipe fits the budget ({reasons}); lower data.seq_len or train.micro_batch, "
                                  "allow LoRA (leave method.name unset), or raise budget.memory")
         cfg = apply_plan(cfg, plan)
+        if plan.batch is not None:
+            log(f"planner: {plan.batch.describe(cfg.data.seq_len)}")
     chosen = recipe_from_config(cfg, target_device(cfg))
     match = next((c for c in plan.candidates if c.recipe == chosen), None)
     prediction = None

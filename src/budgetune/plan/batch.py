@@ -1,0 +1,96 @@
+"""Tokens per optimizer step, and the learning rate to go with them, for the model at the end of the budget.
+
+A fixed budget buys D tokens. Spending them in fewer, larger steps only pays while the batch is
+below the critical batch size; at small budgets more, smaller steps give a lower loss. So the
+planner chooses the batch from D, not from throughput:
+
+- pre-training from scratch: Step Law (Li et al., "Predictable Scale", METHODS.md §2) —
+  B = 0.58 · D^0.571 tokens and η = 1.79 · N^−0.713 · D^0.307 (N non-embedding parameters);
+- fine-tuning a pretrained model: the same power of D with the constant measured on our
+  fine-tuning races (benchmarks/batch_rule.py, docs/benchmarks.md "Batch size for the budget");
+  the learning rate stays the configured one (`optim.lr`), since Step Law's LR fit is for
+  training from scratch.
+
+Keys the user pinned (`train.batch_tokens`, `train.micro_batch` + `train.grad_accum`, `optim.lr`)
+are never changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+STEP_LAW_BATCH = (0.58, 0.571)  # B = a · D^b (tokens)
+FINETUNE_BATCH = (0.58, 0.571)  # fine-tuning: the constant checked by benchmarks/batch_rule.py
+MIN_BATCH_TOKENS = 256  # below this a step's gradient is mostly noise, whatever the budget
+TIME_OVERHEAD = 0.9  # share of a time budget expected to go to optimizer steps (data, evals, saves take the rest)
+
+
+@dataclass
+class BatchChoice:
+    batch_tokens: int  # the target (the rule's output, before rounding to whole rows)
+    rows_per_step: int  # rows of seq_len tokens per optimizer step, all processes together
+    tokens_in_budget: float  # D: what the rule was given
+    basis: str  # where D came from ("budget.tokens", "time × predicted tokens/s", ...)
+    rule: str  # which rule, with its numbers
+    lr: float | None = None  # a learning rate to go with it; None = keep optim.lr
+
+    def describe(self, seq_len: int) -> str:
+        """One line for `plan` and the train log."""
+        text = (f"batch {_short(self.rows_per_step * seq_len)} tokens/step ({self.rows_per_step} × {seq_len}) because "
+                f"the budget buys ~{_short(self.tokens_in_budget)} tokens ({self.basis}); {self.rule}")
+        if self.lr is not None:
+            text += f"; peak LR {self.lr:.3g} (Step Law: 1.79·N^−0.713·D^0.307)"
+        return text
+
+
+def _short(n: float) -> str:
+    """Three significant figures with a k/M/G suffix: 1.02k, 540k, 1.5M."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.3g}{suffix}"
+    return f"{n:.3g}"
+
+
+def batch_tokens_for(tokens: float, scratch: bool) -> float:
+    """The rule: tokens per optimizer step for a budget of `tokens` training tokens."""
+    a, b = STEP_LAW_BATCH if scratch else FINETUNE_BATCH
+    return max(float(MIN_BATCH_TOKENS), a * tokens**b)
+
+
+def step_law_lr(non_embedding_params: float, tokens: float) -> float:
+    return 1.79 * non_embedding_params**-0.713 * tokens**0.307
+
+
+def tokens_the_budget_buys(budget, tokens_per_s: float | None, flops_per_token: float) -> tuple[float, str] | None:
+    """(D, basis): the training tokens a budget buys — the smallest over the budgets that are set;
+    None when only a step budget is set (then the batch decides D, not the other way round)."""
+    options = []
+    if budget.tokens is not None:
+        options.append((float(budget.tokens), "budget.tokens"))
+    if budget.flops is not None and flops_per_token > 0:
+        options.append((budget.flops / flops_per_token, "budget.flops ÷ FLOPs per token"))
+    if budget.time_s is not None and tokens_per_s:
+        options.append((TIME_OVERHEAD * budget.time_s * tokens_per_s,
+                        f"{TIME_OVERHEAD:.0%} of {budget.time_s:.0f} s at ~{tokens_per_s:,.0f} tokens/s predicted"))
+    return min(options) if options else None
+
+
+def choose_batch(budget, tokens_per_s: float | None, flops_per_token: float, seq_len: int, world: int, scratch: bool,
+                 non_embedding_params: float | None = None, choose_lr: bool = False) -> BatchChoice | None:
+    """The batch (and, from scratch with the LR open, the LR) for this budget; None if the budget gives no D."""
+    bought = tokens_the_budget_buys(budget, tokens_per_s, flops_per_token)
+    if bought is None:
+        return None
+    tokens, basis = bought
+    target = batch_tokens_for(tokens, scratch)
+    # whole rows per process; at least one row per process
+    rows = max(world, int(round(target / (seq_len * world))) * world)
+    a, b = STEP_LAW_BATCH if scratch else FINETUNE_BATCH
+    rule = (f"Step Law B = {a}·D^{b}" if scratch else f"fine-tuning rule B = {a}·D^{b}") + f" = {target:,.0f}"
+    lr = step_law_lr(non_embedding_params, tokens) if (scratch and choose_lr and non_embedding_params) else None
+    return BatchChoice(int(target), rows, tokens, basis, rule, lr)
+
+
+def rows_from_batch_tokens(batch_tokens: float, seq_len: int, world: int) -> int:
+    """Rows per step (all processes) for a batch the user pinned in tokens."""
+    return max(world, int(round(batch_tokens / (seq_len * world))) * world)
