@@ -65,23 +65,23 @@ def interrupted_and_uninterrupted(tmp: Path, data, monkeypatch, **sections) -> t
     from budgetune.checkpoint import list_checkpoints
     from budgetune.train import train
 
-    train_module = importlib.import_module("budgetune.train")  # the module: `budgetune.train` is the function
+    checkpoint_module = importlib.import_module("budgetune.checkpoint")
     train(tiny_config(tmp / "a", data, **sections), quiet=True)
-    real_save = train_module.save_checkpoint
+    real_save = checkpoint_module.save_checkpoint
 
     def save_then_die(*args, **kwargs):
         real_save(*args, **kwargs)
         raise KeyboardInterrupt
 
     config_b = tiny_config(tmp / "b", data, **sections)
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoint_module, "save_checkpoint", save_then_die)
     try:
         train(config_b, quiet=True)
         raise AssertionError("the run was not interrupted")
     except KeyboardInterrupt:
         pass
     assert len(list_checkpoints(tmp / "b" / "run" / "checkpoints")) == 1
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoint_module, "save_checkpoint", real_save)
     train(config_b, resume=True, quiet=True)
 
     def final(run: Path) -> dict:

@@ -67,6 +67,25 @@ def auto_eval_interval(budget: Budget, eval_cost_s: float) -> tuple[str, float] 
     return ("progress", 1.0 / (n + 1)) if n > 0 else None
 
 
+class Every:
+    """A periodic trigger measured in budget progress or in seconds; `auto` is what an
+    `interval: auto` resolves to (auto_eval_interval / auto_checkpoint_interval)."""
+
+    def __init__(self, interval, start_p: float = 0.0, start_s: float = 0.0, auto: tuple[str, float] | None = None):
+        from .config import parse_interval
+
+        parsed = parse_interval(interval)
+        self.kind, self.value = (auto if parsed and parsed[0] == "auto" else parsed) or (None, 0.0)
+        self.last = start_p if self.kind == "progress" else start_s
+
+    def due(self, p: float, elapsed: float) -> bool:
+        now = p if self.kind == "progress" else elapsed
+        if self.kind is None or now - self.last < self.value - 1e-9:
+            return False
+        self.last = now
+        return True
+
+
 def auto_checkpoint_interval() -> tuple[str, float]:
     """('seconds', s) for `checkpoint.every: auto`."""
     return ("seconds", AUTO_CHECKPOINT_S)
@@ -164,6 +183,12 @@ class BudgetClock:
             if self.elapsed() + 0.5 * self.step_seconds >= window:
                 return True
         return False
+
+    def training_time_left(self) -> float | None:
+        """Seconds until training stops for the final eval + save (the budget less the reserve)."""
+        if self.budget.time_s is None:
+            return None
+        return max(0.0, self.budget.time_s - self.reserve_s - self.elapsed())
 
     def time_left(self) -> float | None:
         if self.budget.time_s is None:

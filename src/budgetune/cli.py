@@ -11,7 +11,7 @@ from .errors import BudgetuneError, Interrupted
 
 USAGE = """budgetune <command> ...
 
-  train CONFIG [--resume] [--overwrite] [--section.key value ...]   train within the budget
+  train CONFIG [--resume [--extend]] [--overwrite] [--section.key value ...]   train within the budget
   plan CONFIG [--json] [--no-probe] [--section.key value ...]      ranked recipes that fit the budget
   demo [--section.key value ...]                                    tiny Llama on the stdlib, offline
   eval RUN_DIR [--data PATH ...] [--prompt TEXT ...] [--lm-eval TASKS]  held-out loss, perplexity, samples, lm-eval
@@ -26,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train within the budget")
     p.add_argument("config", help="YAML config file (or a built-in name: demo)")
     p.add_argument("--resume", action="store_true", help="continue the run in output.dir from its last checkpoint")
+    p.add_argument("--extend", action="store_true", help="with --resume: train a finished run further on a larger budget")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in output.dir")
     p.add_argument("--quiet", action="store_true")
     p = sub.add_parser("plan", help="what fits: ranked recipes, predicted memory and speed")
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from .train import train
 
-            train(args.config, rest, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+            train(args.config, rest, resume=args.resume or args.extend, extend=args.extend, overwrite=args.overwrite, quiet=args.quiet)
         elif args.command == "plan":
             from .config import load_config
             from .console import print_plan

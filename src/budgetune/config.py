@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from .errors import ConfigError
+from .method_options import MethodOptions
 from .units import parse_bytes, parse_count, parse_duration
 
 Interval = typing.Union[float, str, None]  # fraction of the budget (0 < x ≤ 1), a duration ("5m") or "auto"
@@ -60,13 +61,6 @@ class DataConfig:
     messages_field: str = "messages"  # field of chat messages [{role, content}] (loss on assistant turns)
     cache_dir: str | None = None  # tokenisation cache; default ~/.cache/budgetune
     on_error: Literal["error", "skip"] = "error"  # a bad record: stop naming it, or skip it (counted in the summary)
-
-
-@dataclass
-class MethodOptions:
-    """Base of every method's options; each method module subclasses it (see methods/)."""
-
-    name: str = "full"
 
 
 @dataclass
@@ -131,6 +125,7 @@ class EvalConfig:
 class CheckpointConfig:
     every: Interval = "auto"  # fraction of the budget, a duration ("5m"), or auto (every 10 minutes of wall-clock); null = only at the end
     keep: int = 2  # newest checkpoints kept
+    background: bool | str = "auto"  # write periodic checkpoints from a thread while training goes on; auto: once a write takes ≥ 1 s
 
 
 @dataclass
@@ -365,6 +360,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"{fused} cannot follow method {cfg.method.name!r}, which changes what trains; use adamw")
     if cfg.optim.name not in OPTIMIZERS:
         raise ConfigError(f"config key 'optim.name': unknown optimizer {cfg.optim.name!r} (known: {', '.join(OPTIMIZERS)})")
+    if cfg.checkpoint.background not in (True, False, "auto"):
+        raise ConfigError(f"config key 'checkpoint.background': true, false or auto, got {cfg.checkpoint.background!r}")
     for key in ("eval.every", "checkpoint.every"):
         section, name = key.split(".")
         try:

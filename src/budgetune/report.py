@@ -126,7 +126,8 @@ def _budget_rows(runs: list[dict]) -> list[list]:
                      f"{_fmt(given.get('tokens'), 'count')} / {_fmt(s.get('tokens'), 'count')}",
                      f"{_fmt(given.get('steps'))} / {_fmt(s.get('steps'))}",
                      f"{_fmt(given.get('flops'), 'count')} / {_fmt(s.get('flops'), 'count')}",
-                     _fmt(s.get("overshoot_s"))])
+                     _fmt(s.get("overshoot_s")),
+                     f"{100 * s['budget_utilisation']:.0f}%" if s.get("budget_utilisation") is not None else "—"])
     return rows
 
 
@@ -176,7 +177,7 @@ def render(runs: list[dict]) -> str:
     parts.append("<h2>Results</h2>" + _table(
         ["run", "method", "parameters", "trainable", "held-out loss", "steps", "tokens/s", "events", "state"], _result_rows(runs)))
     parts.append("<h2>Budget: given / used</h2>" + _table(
-        ["run", "governing", "time", "tokens", "steps", "FLOPs", "overshoot (s)"], _budget_rows(runs)))
+        ["run", "governing", "time", "tokens", "steps", "FLOPs", "overshoot (s)", "time in optimizer steps"], _budget_rows(runs)))
     parts.append("<h2>Planner: predicted / measured</h2>" + _table(
         ["run", "peak memory predicted", "measured", "error", "tokens/s predicted", "measured (median step)", "error"],
         _prediction_rows(runs)))

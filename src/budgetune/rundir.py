@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from .errors import BudgetuneError
 # it (or, from before the marker, both config.yaml and metrics.jsonl), so a config naming
 # some other folder as output.dir can never get it deleted.
 MARKER = ".budgetune-run"
+LOCK = ".budgetune-lock"  # held (flock) by the process writing the run; the kernel drops it when that process dies
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,28 @@ class RunDir:
                 os.replace(previous, self.path)
             raise BudgetuneError(f"config key 'output.dir': cannot create the run folder {self.path} ({e}); "
                                  "choose a folder you can write to") from None
+
+    def lock(self):
+        """Become the run folder's one writer: an open file holding an exclusive flock, or a
+        BudgetuneError naming the live process that holds it. Keep the returned file open."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path / LOCK, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise BudgetuneError(f"{self.path} is being written by a live training process ({holder}); wait for it to "
+                                 "finish or stop it (Ctrl-C checkpoints it), then --resume") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        return handle
+
+    def finished(self) -> bool:
+        return self.summary.exists()
 
     def read_summary(self) -> dict:
         if not self.summary.exists():

@@ -1,11 +1,17 @@
-"""The training loop: plan → model, data, method, optimizer → train within the budget → eval → save.
+"""The training loop.
 
-`train()` reads top to bottom; everything it calls is a small module of its own.
+    train()   the run folder: one writer, --resume / --extend / --overwrite rules, cleanup on bad input
+    setup()   a `Run`: plan → model, method, optimizer → budget clock → data → resume state → first eval
+    fit()     the loop: one optimizer step after another until the budget (or a signal) says stop
+    finish()  final eval, checkpoint, model, summary, report — inside the budget's reserve
+
+Each concern has one home: the step (forward/backward with its out-of-memory retry, the update,
+the method's hooks) is step.py; when to stop and what to keep back is budget.py; checkpoints are
+checkpoint.py; a `Run` holds the state they share.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -13,125 +19,254 @@ import shutil
 import signal
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .budget import Budget, BudgetClock, auto_checkpoint_interval, auto_eval_interval
-from .checkpoint import clean_partial, list_checkpoints, load_checkpoint, peek_step, save_checkpoint
-from .config import Config, dump_config, load_config, parse_interval
+from . import step as steps
+from .budget import Budget, BudgetClock, Every, auto_checkpoint_interval, auto_eval_interval
+from .checkpoint import Checkpointer, clean_partial, list_checkpoints, load_checkpoint, newest_intact, peek_step
+from .config import Config, dump_config, load_config
 from .console import TrainProgress, quiet_libraries, say
-from .data import IGNORE, prepare_data
+from .data import prepare_data
 from .data.sampler import RowSampler
-from .evaluate import heldout_loss, token_losses
+from .errors import BudgetuneError, Interrupted, RunStopped, TrainingError
+from .evaluate import heldout_loss
 from .fast_forward import FastForward
+from .guard import BadSteps, StopSignals
 from .methods import get_method
 from .metrics import MetricsLog, check_trackers, environment, flat_config, peak_memory_bytes
-from .report import report
 from .models import count_parameters, load_model, load_tokenizer
 from .optim import build_optimizer, updates_in_backward
 from .plan import flops_per_token, matmul_parameters
 from .plan.search import plan_for_training
-from .errors import BudgetuneError, Interrupted, RunStopped, TrainingError
-from .guard import BadSteps, StopSignals, halve_micro_batch
+from .report import report
 from .rundir import RunDir
 from .schedules import lr_multiplier
 from .units import format_count, format_duration
 
-
 REPORT_S = 1.5  # kept back for report.html (matplotlib import + five SVG plots: 0.4–1 s measured on a 2-core CPU)
+FEW_STEPS = 10  # a budget that buys fewer optimizer steps than this gets a warning
+BUSY_FACTOR = 3.0  # measured steps this many times slower than the probe: the machine is probably busy
 
 
-class Every:
-    """A periodic trigger measured in budget progress or in seconds; `auto` is the interval that
-    `interval: auto` resolves to (budget.auto_eval_interval / auto_checkpoint_interval)."""
+def train(config: str | Path | dict | Config | None = None, overrides=None, *, resume: bool = False, extend: bool = False,
+          overwrite: bool = False, quiet: bool = False) -> dict:
+    """Train within the budget; return the run summary (also written to RUN_DIR/summary.json).
 
-    def __init__(self, interval, start_p: float = 0.0, start_s: float = 0.0, auto: tuple[str, float] | None = None):
-        parsed = parse_interval(interval)
-        self.kind, self.value = (auto if parsed and parsed[0] == "auto" else parsed) or (None, 0.0)
-        self.last = start_p if self.kind == "progress" else start_s
-
-    def due(self, p: float, elapsed: float) -> bool:
-        now = p if self.kind == "progress" else elapsed
-        if self.kind is None or now - self.last < self.value - 1e-9:
-            return False
-        self.last = now
-        return True
-
-
-def _accelerator(cfg: Config, run: RunDir):
-    from accelerate import Accelerator
-
-    cuda = torch.cuda.is_available()
-    precision = "bf16" if cuda and torch.cuda.is_bf16_supported() and cfg.model.dtype in ("auto", "bfloat16") else "no"
-    trackers = check_trackers(cfg.tracking)
-    return Accelerator(mixed_precision=precision, cpu=not cuda, log_with=trackers or None,
-                       project_dir=str(run.path / "tracking") if trackers else None)
-
-
-def _save_final(run: RunDir, method, model, tokenizer) -> None:
-    """The trained result in Hugging Face format, written beside and renamed into place."""
-    tmp = run.path / ".tmp-model"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    method.save_pretrained(model, tmp)
-    tokenizer.save_pretrained(str(tmp))
-    if run.model.exists():
-        shutil.rmtree(run.model)
-    os.replace(tmp, run.model)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
-def train(config: str | Path | dict | Config | None = None, overrides=None, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> dict:
-    """Train within the budget; return the run summary (also written to RUN_DIR/summary.json)."""
+    `resume` continues a stopped run from its newest intact checkpoint; `extend` (with `resume`)
+    continues a finished run on a larger budget."""
     cfg = load_config(config, overrides)
     quiet_libraries()
-    run = RunDir(Path(cfg.output.dir))
-    accelerator = _accelerator(cfg, run)
+    run_dir = RunDir(Path(cfg.output.dir))
+    accelerator = _accelerator(cfg, run_dir)
     main = accelerator.is_main_process
     overwrite = overwrite or cfg.output.overwrite
-    if resume and not run.exists() and run.is_run():  # stopped before its config was written: nothing to resume yet
+    if resume and not run_dir.exists() and run_dir.is_run():  # stopped before its config was written: nothing to resume yet
         resume, overwrite = False, True
-    run.check(resume, overwrite)
+    run_dir.check(resume, overwrite)
+    if resume and run_dir.finished() and not extend:
+        raise BudgetuneError(_finished_message(run_dir))
+    lock = run_dir.lock() if main and run_dir.path.exists() else None  # one writer per run folder
     accelerator.wait_for_everyone()  # every process has looked at the folder before the main one writes to it
-    previous = run.prepare(resume, overwrite) if main else None  # an old run that --overwrite replaces, set aside
-
-    def under_way() -> None:
-        """Config and data are good: the replaced run can go."""
-        if previous is not None:
-            shutil.rmtree(previous, ignore_errors=True)
-
+    previous = run_dir.prepare(resume, overwrite) if main else None  # an old run that --overwrite replaces, set aside
+    if main and previous is not None:
+        lock.close()
+        lock = run_dir.lock()
+    elif main and lock is None:
+        lock = run_dir.lock()
     accelerator.wait_for_everyone()
     try:
-        return _train(cfg, run, accelerator, resume, show=main and not quiet, under_way=under_way)
+        run = setup(cfg, run_dir, accelerator, resume, extend, show=main and not quiet, previous=previous)
+        fit(run)
+        return finish(run)
     except RunStopped:
         raise  # it left a checkpoint: keep the folder
     except BaseException as e:
         # bad config or data found after the folder was made, or a failure before the run got under
         # way: leave nothing behind, and put back the run --overwrite was replacing
         if main and not resume and (isinstance(e, BudgetuneError) or (previous is not None and previous.exists())):
-            shutil.rmtree(run.path, ignore_errors=True)
+            shutil.rmtree(run_dir.path, ignore_errors=True)
             if previous is not None and previous.exists():
-                os.replace(previous, run.path)
+                os.replace(previous, run_dir.path)
         raise
+    finally:
+        if lock is not None:
+            lock.close()
 
 
-def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool, under_way=lambda: None) -> dict:
-    """The run itself: setup, the loop, the final eval and save."""
-    main, world, rank, device = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index, accelerator.device
+def _finished_message(run_dir: RunDir) -> str:
+    summary = run_dir.read_summary()
+    budget = ", ".join(f"{k} {v:g}" for k, v in summary.get("budget", {}).items() if isinstance(v, (int, float)))
+    return (f"{run_dir.path} is a finished run ({summary['steps']} steps, budget {budget}); --resume continues a stopped one. "
+            "To train it further, raise the budget and add --extend: the schedule continues from the progress the new budget "
+            "gives (progress = budget used ÷ new budget), so cosine and linear schedules climb back to a higher LR and anneal "
+            "again, and WSD continues its stable phase before decaying; or start a new run with --overwrite")
+
+
+def _accelerator(cfg: Config, run_dir: RunDir):
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available()
+    precision = "bf16" if cuda and torch.cuda.is_bf16_supported() and cfg.model.dtype in ("auto", "bfloat16") else "no"
+    trackers = check_trackers(cfg.tracking)
+    return Accelerator(mixed_precision=precision, cpu=not cuda, log_with=trackers or None,
+                       project_dir=str(run_dir.path / "tracking") if trackers else None)
+
+
+# --- the state a run holds ------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What setup() builds and the loop, the step and finish() share."""
+
+    cfg: Config
+    dir: RunDir
+    accelerator: object
+    method: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    tokenizer: object
+    data: object
+    sampler: RowSampler
+    accum: int
+    clock: BudgetClock
+    checkpointer: Checkpointer
+    metrics: MetricsLog
+    bad: BadSteps
+    say: object  # log a line (above the progress bar while it runs)
+    fpt: float  # FLOPs per token
+    trainable: int
+    total: int
+    prediction: dict | None
+    started_at: float
+    show: bool = True  # progress bar and log lines (the main process, unless quiet)
+    eval_rows: object = None
+    fast_forward: FastForward | None = None
+    loss_before: float = math.nan
+    eval_costs: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)  # wall-clock of each optimizer step
+    step_rates: list[float] = field(default_factory=list)  # tokens/s of each optimizer step
+    last: steps.StepResult | None = None
+    lr: float = 0.0
+    eval_every: Every | None = None
+    ckpt_every: Every | None = None
+    skipped_evals: int = 0
+    warned_busy: bool = False
+
+    # shorthands the step uses
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def raw_model(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def fused(self) -> bool:
+        """LOMO / layer-wise: the update happens inside backward, so a bad loss must not reach it."""
+        return updates_in_backward(self.cfg.optim)
+
+    @property
+    def trainable_params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(t, "sum") if self.world > 1 else t
+
+    def rebuild_optimizer(self) -> None:
+        """A new optimizer for what trains now (LISA switched layers)."""
+        self.optimizer = self.accelerator.prepare(build_optimizer(self.raw_model, self.cfg.optim, self.method.lr_scales(self.cfg.method)))
+
+    def next_rows(self) -> list[list[int]]:
+        return [self.sampler.next() for _ in range(self.accum)]
+
+    def lr_between(self, q0: float, q1: float) -> float:
+        """The LR of a step is the schedule at the middle of the progress it covers: neither the
+        first step (warmup) nor the last (annealed to zero) is wasted at lr = 0."""
+        return self.cfg.optim.lr * self.bad.lr_factor * lr_multiplier(0.5 * (q0 + q1), self.cfg.schedule)
+
+    # --- evals and checkpoints: what they cost is what the budget keeps back --------------------------
+    def evaluate(self) -> float:
+        t = time.monotonic()
+        loss = heldout_loss(self.model, self.eval_rows, self.cfg.train.micro_batch, self.cfg.eval.max_tokens,
+                            self.device, self.world, self.accelerator.process_index, self.reduce_sum)
+        self.eval_costs.append(time.monotonic() - t)
+        self.update_reserve()
+        self.metrics.write(event="eval", step=self.clock.steps, tokens=self.clock.tokens, seconds=round(self.clock.elapsed(), 3),
+                           eval_loss=loss)
+        return loss
+
+    def eval_cost(self) -> float:
+        return statistics.median(self.eval_costs) if self.eval_costs else 0.0
+
+    def update_reserve(self) -> None:
+        """Keep back what the final eval and save will cost, as measured (medians: one slow write or eval
+        does not inflate the reserve for the rest of the run), + 1 s for the summary and exit. The final
+        model folder is priced at the checkpoint's measured rate: a checkpoint holds the trainable
+        weights and two Adam moments, the model folder the adapter or every weight."""
+        checkpoint_bytes = 12 * max(1, self.trainable)
+        model_bytes = 4 * (self.trainable if self.method.output == "adapter" else self.total)
+        final_save = self.checkpointer.final_cost_s() * (1.0 + model_bytes / checkpoint_bytes)
+        self.clock.set_reserve(1.1 * self.eval_cost() + final_save + 1.0 + (REPORT_S if self.cfg.output.report else 0.0))
+
+    def checkpoint(self, final: bool = False) -> None:
+        if self.main:
+            params = self.method.saved_parameters(self.raw_model)
+            if not all(torch.isfinite(p).all() for p in params.values()):
+                raise TrainingError(f"step {self.clock.steps}: the weights hold NaN or inf; not checkpointing them (the last "
+                                    f"checkpoint in {self.dir.checkpoints} is kept). Lower optim.lr or raise optim.grad_clip, then --resume")
+            method_tensors, method_info = self.method.state_dict(self.raw_model)
+            state = {"clock": self.clock.state_dict(), "data_position": self.sampler.position, "eval_loss_before": self.loss_before,
+                     "method": method_info, "bad_steps": self.bad.state_dict(), "micro_batch": self.sampler.micro_batch,
+                     "grad_accum": self.accum}
+            try:
+                self.checkpointer.save(self.clock.steps, params, self.optimizer, state, method_tensors, wait=final)
+                if final:
+                    self.checkpointer.wait()
+            except OSError as e:  # disk full, read-only, quota: the previous checkpoint is untouched
+                previous = list_checkpoints(self.dir.checkpoints)
+                raise TrainingError(
+                    f"could not write the step-{self.clock.steps} checkpoint under {self.dir.checkpoints}: {e.strerror or e}. "
+                    + (f"The previous checkpoint {previous[-1].name} is intact: free space (or fix permissions) and --resume."
+                       if previous else "No earlier checkpoint exists: free space (or fix permissions) and start again.")) from e
+        self.accelerator.wait_for_everyone()
+        self.update_reserve()
+
+    def restore_last_checkpoint(self) -> None:
+        """Back to the last checkpoint's weights and optimizer state (budget and data go on)."""
+        self.checkpointer.wait()
+        last = newest_intact(self.dir.checkpoints, self.say)
+        if self.method.select(self.raw_model, self.cfg.method, peek_step(last)):
+            self.rebuild_optimizer()
+        load_checkpoint(last, self.method.saved_parameters(self.raw_model), self.optimizer)
+
+
+# --- setup ---------------------------------------------------------------------------------------------------
+
+
+def setup(cfg: Config, run_dir: RunDir, accelerator, resume: bool, extend: bool, show: bool, previous: Path | None = None) -> Run:
+    """Everything the loop needs, from the config; the budget clock starts after model load."""
+    main, world, device = accelerator.is_main_process, accelerator.num_processes, accelerator.device
     log = (lambda m: say(m)) if show else (lambda m: None)
 
-    # --- plan: fill in what the config leaves open, and predict memory and speed ----------------
+    # plan: fill in what the config leaves open, and predict memory and speed
     planning_started = time.monotonic()
     cfg, prediction = plan_for_training(cfg, log=log)
     planning_s = time.monotonic() - planning_started  # its speed probe is paid from a time budget
 
-    # --- model, method, optimizer ----------------------------------------------------------
+    # model, method, optimizer
     torch.manual_seed(cfg.train.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -140,7 +275,7 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool, unde
     method = get_method(cfg.method.name)
     model = load_model(cfg, tokenizer, device, frozen_base=method.adapter)
     if method.output == "adapter" and cfg.model.init == "scratch" and main and not resume:
-        model.save_pretrained(str(run.base))  # the adapter's base must be reloadable
+        model.save_pretrained(str(run_dir.base))  # the adapter's base must be reloadable
     model = method.prepare(model, cfg.method)
     if updates_in_backward(cfg.optim) and world > 1:
         raise BudgetuneError(f"optim.{'name lomo' if cfg.optim.name == 'lomo' else 'layerwise'} updates weights inside backward, "
@@ -148,9 +283,17 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool, unde
     if method.switches and world > 1:
         raise BudgetuneError(f"method {cfg.method.name!r} changes its trainable layers during training, which "
                              "distributed data parallel cannot follow; run it on one process")
-    if resume and main:
-        clean_partial(run.checkpoints)  # what a kill during a checkpoint write left behind
-    latest = list_checkpoints(run.checkpoints)[-1] if resume and list_checkpoints(run.checkpoints) else None
+    latest = None
+    if resume:
+        if main:
+            clean_partial(run_dir.checkpoints)  # what a kill during a checkpoint write left behind
+        accelerator.wait_for_everyone()
+        latest = newest_intact(run_dir.checkpoints, log)
+        if latest is None:  # killed before its first checkpoint: nothing to continue from
+            log("no checkpoint yet — starting fresh")
+            resume = False
+            if main and run_dir.metrics.exists():
+                run_dir.metrics.unlink()  # its steps will be trained again: the metrics start clean
     method.select(model, cfg.method, peek_step(latest) if latest else 0)  # what trains at the (re)start
     if cfg.model.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -158,288 +301,291 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool, unde
     n_matmul, n_matmul_trainable = matmul_parameters(model)
     fpt = flops_per_token(model.config, cfg.data.seq_len, n_matmul, n_matmul_trainable)
     optimizer = build_optimizer(model, cfg.optim, method.lr_scales(cfg.method))
-    trainable_params = [p for p in model.parameters() if p.requires_grad]
     log(f"model: {format_count(total)} parameters, {format_count(trainable)} trainable ({cfg.method.name}); device {device}, {world} process(es)")
 
-    # --- the budget clock starts here: data preparation counts against it -------------------
+    # the budget clock starts here: data preparation counts against it
     clock = BudgetClock(Budget.from_config(cfg.budget), fpt, spent_s=0.0 if resume else planning_s)
     started_at = time.time()
     with accelerator.main_process_first():
         data = prepare_data(cfg, tokenizer, seed=cfg.train.seed, log=log)
-    if accelerator.is_main_process:
-        under_way()
+    if main and previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)  # config and data are good: the replaced run can go
     log(f"data: {data.train_examples} {data.format} examples → {len(data.train)} rows of {cfg.data.seq_len} "
         f"({data.summary()['train_tokens']} tokens, padding {100 * data.train.padding_fraction:.1f}%), "
         f"{data.eval_examples} held out")
+    micro_batch, accum = _rows_within_the_data(cfg, len(data.train), world, log)
     model, optimizer = accelerator.prepare(model, optimizer)
-    raw_model = accelerator.unwrap_model(model)
-    sampler = RowSampler(len(data.train), cfg.train.micro_batch, cfg.train.seed, world, rank)
-    accum = cfg.train.grad_accum
-    bad = BadSteps(cfg.train.max_bad_steps)
-    state: dict = {}
     if main and not resume:
-        dump_config(cfg, run.config)
+        dump_config(cfg, run_dir.config)
+    run = Run(cfg=cfg, dir=run_dir, accelerator=accelerator, method=method, model=model, optimizer=optimizer, tokenizer=tokenizer,
+              data=data, sampler=RowSampler(len(data.train), micro_batch, cfg.train.seed, world, accelerator.process_index),
+              accum=accum, clock=clock, checkpointer=Checkpointer(run_dir.checkpoints, cfg.checkpoint.keep, cfg.checkpoint.background,
+                                                                  guess_s=12 * trainable / 200e6 + 0.05),
+              metrics=MetricsLog(run_dir.metrics if main else None, tracker=accelerator.log if cfg.tracking else None),
+              bad=BadSteps(cfg.train.max_bad_steps), say=log, fpt=fpt, trainable=trainable, total=total,
+              prediction=prediction, started_at=started_at, show=show, eval_rows=data.eval)
+    state = {}
     if latest is not None:
-        state = load_checkpoint(latest, method.saved_parameters(raw_model), optimizer)
+        state = load_checkpoint(latest, method.saved_parameters(run.raw_model), run.optimizer)
         clock.load_state_dict(state["clock"])
-        sampler.position = state["data_position"]
-        sampler.micro_batch, accum = state.get("micro_batch", sampler.micro_batch), state.get("grad_accum", accum)  # after an OOM
-        bad.load_state_dict(state.get("bad_steps", bad.state_dict()))
-        method.load_state_dict(raw_model, state["method_tensors"], state.get("method", {}))
+        run.sampler.position = state["data_position"]
+        run.sampler.micro_batch, run.accum = state.get("micro_batch", micro_batch), state.get("grad_accum", accum)  # after an OOM
+        run.bad.load_state_dict(state.get("bad_steps", run.bad.state_dict()))
+        method.load_state_dict(run.raw_model, state["method_tensors"], state.get("method", {}))
+        if extend and clock.progress() >= 1.0:
+            raise BudgetuneError(f"--extend: the budget ({clock.budget.describe()}) is already spent by the finished run; "
+                                 "raise budget.time / budget.tokens / budget.steps / budget.flops to train further")
         log(f"resumed from {latest} (step {clock.steps}, {format_duration(clock.elapsed())} of budget used)")
-
-    def reduce_sum(t: torch.Tensor) -> torch.Tensor:
-        return accelerator.reduce(t, "sum") if world > 1 else t
-
-    eval_rows, fast_forward = data.eval, None
     if cfg.train.fast_forward:  # its judge: the last few held-out rows, kept out of the reported eval
-        n_ff = cfg.train.fast_forward_rows
-        if data.eval is None or len(data.eval) <= n_ff:
-            raise BudgetuneError(f"config key 'train.fast_forward': needs more than train.fast_forward_rows ({n_ff}) held-out "
-                                 f"rows, the data gives {0 if data.eval is None else len(data.eval)}; raise data.eval_fraction")
-        eval_rows, ff_rows = data.eval.take(range(len(data.eval) - n_ff)), data.eval.take(range(len(data.eval) - n_ff, len(data.eval)))
-        fast_forward = FastForward(
-            cfg.train.fast_forward,
-            loss=lambda: heldout_loss(model, ff_rows, cfg.train.micro_batch, n_ff * cfg.data.seq_len, device, world, rank, reduce_sum),
-            keep_going=lambda: not clock.should_stop())
-
-    def eval_loss() -> float:
-        return heldout_loss(model, eval_rows, cfg.train.micro_batch, cfg.eval.max_tokens, device, world, rank, reduce_sum)
-
-    # an eval at the start gives the "before" loss and measures what the final eval will cost
-    t = time.monotonic()
-    measured_before = eval_loss()
-    loss_before = state.get("eval_loss_before", measured_before)
-    eval_cost = time.monotonic() - t
+        _split_fast_forward_rows(run)
     if cfg.tracking:
-        accelerator.init_trackers(run.path.name, config=flat_config(cfg))
-    metrics = MetricsLog(run.metrics if main else None, tracker=accelerator.log if cfg.tracking else None)
-    metrics.write(event="eval", step=clock.steps, tokens=clock.tokens, seconds=round(clock.elapsed(), 3), eval_loss=measured_before)
-    bytes_to_save = 4 * (3 * trainable + total)  # trainable + Adam moments + final model, fp32
-    save_rate = 200e6  # bytes/s until a checkpoint has been timed
+        accelerator.init_trackers(run_dir.path.name, config=flat_config(cfg))
+    # an eval at the start gives the "before" loss and measures what the final eval will cost
+    measured_before = run.evaluate()
+    run.loss_before = state.get("eval_loss_before", measured_before)
+    run.eval_every = Every(cfg.eval.every, clock.progress(), clock.elapsed(), auto=auto_eval_interval(clock.budget, run.eval_cost()))
+    run.ckpt_every = Every(cfg.checkpoint.every, clock.progress(), clock.elapsed(), auto=auto_checkpoint_interval())
+    _check_the_budget_buys_steps(run)
+    log(f"budget: {clock.budget.describe()} (reserve {clock.reserve_s:.1f}s for final eval + save); eval loss before {run.loss_before:.4f}")
+    return run
 
-    def update_reserve() -> None:
-        """Keep back what the final eval and save will cost, as last measured (+1 s for the summary and exit)."""
-        clock.set_reserve(1.1 * eval_cost + bytes_to_save / save_rate + 1.0 + (REPORT_S if cfg.output.report else 0.0))
 
-    update_reserve()
+def _rows_within_the_data(cfg: Config, n_rows: int, world: int, log) -> tuple[int, int]:
+    """(micro-batch, accumulation), shrunk so that one step never holds a row twice."""
+    micro_batch, accum = cfg.train.micro_batch, cfg.train.grad_accum
+    available = max(1, n_rows // world)
+    if micro_batch * accum <= available:
+        return micro_batch, accum
+    accum = max(1, available // micro_batch)
+    micro_batch = min(micro_batch, available)
+    log(f"the data has {n_rows} rows: a step of {cfg.train.micro_batch} × {cfg.train.grad_accum} rows per process would repeat "
+        f"rows within itself; using {micro_batch} × {accum}")
+    return micro_batch, accum
 
-    def checkpoint(step: int) -> None:
-        nonlocal save_rate
-        t = time.monotonic()
-        if main:
-            params = method.saved_parameters(raw_model)
-            if not all(torch.isfinite(p).all() for p in params.values()):
-                raise TrainingError(f"step {step}: the weights hold NaN or inf; not checkpointing them (the last checkpoint "
-                                    f"in {run.checkpoints} is kept). Lower optim.lr or raise optim.grad_clip, then --resume")
-            method_tensors, method_info = method.state_dict(raw_model)
-            try:
-                save_checkpoint(run.checkpoints, step, params, optimizer, {
-                    "clock": clock.state_dict(), "data_position": sampler.position, "eval_loss_before": loss_before,
-                    "method": method_info, "bad_steps": bad.state_dict(), "micro_batch": sampler.micro_batch, "grad_accum": accum,
-                }, keep=cfg.checkpoint.keep, method_tensors=method_tensors)
-            except OSError as e:  # disk full, read-only, quota: the previous checkpoint is untouched
-                previous = list_checkpoints(run.checkpoints)
-                raise TrainingError(
-                    f"could not write the step-{step} checkpoint under {run.checkpoints}: {e.strerror or e}. "
-                    + (f"The previous checkpoint {previous[-1].name} is intact: free space (or fix permissions) and --resume."
-                       if previous else "No earlier checkpoint exists: free space (or fix permissions) and start again.")) from e
-        accelerator.wait_for_everyone()
-        save_rate = 4 * (3 * trainable) / max(1e-3, time.monotonic() - t)
-        update_reserve()
 
-    eval_every = Every(cfg.eval.every, clock.progress(), clock.elapsed(), auto=auto_eval_interval(clock.budget, eval_cost))
-    ckpt_every = Every(cfg.checkpoint.every, clock.progress(), clock.elapsed(), auto=auto_checkpoint_interval())
-    lr, loss_value, tokens_per_s = 0.0, float("nan"), 0.0
-    fused = updates_in_backward(cfg.optim)  # LOMO / layer-wise: a bad loss must not reach backward
-    stopping = torch.zeros(1, device=device)
-    step_rates: list[float] = []  # tokens/s of each optimizer step (periodic evals and saves excluded)
-    previous_step_s = 0.0
-    model.train()
-    log(f"budget: {clock.budget.describe()} (reserve {clock.reserve_s:.1f}s for final eval + save); eval loss before {loss_before:.4f}")
+def _split_fast_forward_rows(run: Run) -> None:
+    cfg, data = run.cfg, run.data
+    n_ff = cfg.train.fast_forward_rows
+    if data.eval is None or len(data.eval) <= n_ff:
+        raise BudgetuneError(f"config key 'train.fast_forward': needs more than train.fast_forward_rows ({n_ff}) held-out "
+                             f"rows, the data gives {0 if data.eval is None else len(data.eval)}; raise data.eval_fraction")
+    run.eval_rows, ff_rows = data.eval.take(range(len(data.eval) - n_ff)), data.eval.take(range(len(data.eval) - n_ff, len(data.eval)))
+    run.fast_forward = FastForward(
+        cfg.train.fast_forward,
+        loss=lambda: heldout_loss(run.model, ff_rows, cfg.train.micro_batch, n_ff * cfg.data.seq_len, run.device, run.world,
+                                  run.accelerator.process_index, run.reduce_sum),
+        keep_going=lambda: not run.clock.should_stop())
 
-    def forward_backward(rows: list[list[int]]) -> tuple[float, float, torch.Tensor]:
-        """Forward and backward over one step's micro-batches; (targets, tokens, summed loss)."""
-        batches = [data.train.batch(r) for r in rows]
-        counts = torch.tensor([
-            float(sum((b["labels"][:, 1:] != IGNORE).sum() for b in batches)),
-            float(sum(data.train.real_tokens[r].sum() for r in rows)),
-        ], device=device)
-        targets, step_tokens = reduce_sum(counts).tolist()
-        loss_sum = torch.zeros((), device=device)
-        for i, batch in enumerate(batches):
-            sync = contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
-            with sync:
-                loss, _ = token_losses(model, {k: v.to(device) for k, v in batch.items()})
-                loss_sum += loss.detach()
-                if fused and not torch.isfinite(loss):
-                    continue  # the update would happen inside backward, before any check
-                # sum over tokens / tokens in the whole step: exact mean under accumulation and
-                # data parallelism (DDP averages over processes, hence × world)
-                objective = loss * world / max(targets, 1.0)
-                extra = method.regularizer(raw_model)  # e.g. AdaLoRA's orthogonality penalty, once per step
-                accelerator.backward(objective if extra is None else objective + extra / len(batches))
-        return targets, step_tokens, loss_sum
 
-    def restore_last_checkpoint() -> None:
-        """Back to the last checkpoint's weights and optimizer state (budget and data go on)."""
-        nonlocal optimizer
-        last = list_checkpoints(run.checkpoints)[-1]
-        if method.select(raw_model, cfg.method, peek_step(last)):
-            optimizer = accelerator.prepare(build_optimizer(raw_model, cfg.optim, method.lr_scales(cfg.method)))
-        load_checkpoint(last, method.saved_parameters(raw_model), optimizer)
+def _check_the_budget_buys_steps(run: Run) -> None:
+    """Say before spending a time budget that it cannot buy one optimizer step; warn when it buys few."""
+    clock, speed = run.clock, (run.prediction or {}).get("measured_tokens_per_s")
+    if clock.budget.time_s is None or not speed:
+        return
+    step_tokens = run.sampler.micro_batch * run.accum * run.world * run.cfg.data.seq_len
+    step_s = step_tokens / speed
+    window = clock.budget.time_s - clock.reserve_s - clock.elapsed()
+    if step_s > window:
+        raise BudgetuneError(
+            f"the time budget cannot buy one optimizer step: of budget.time {clock.budget.time_s:.0f}s, "
+            f"{clock.elapsed():.1f}s went to planning, data preparation and the first eval and {clock.reserve_s:.1f}s is kept "
+            f"for the final eval + save, leaving {max(0.0, window):.1f}s; one step of {step_tokens:,} tokens takes ~{step_s:.1f}s "
+            f"(measured {speed:,.0f} tokens/s). Raise budget.time (to at least {clock.budget.time_s - window + 3 * step_s:.0f}s), "
+            "or lower train.batch_tokens / data.seq_len / eval.max_tokens")
+    if window / step_s < FEW_STEPS:
+        run.say(f"warning: the budget buys only ~{int(window / step_s)} optimizer steps of {step_tokens:,} tokens "
+                f"(~{step_s:.1f}s each); raise budget.time for a model that learns more")
 
-    # --- the loop -------------------------------------------------------------------------
-    with TrainProgress(enabled=show) as bar, StopSignals() as signals:
-        while True:
-            stopping.fill_(2.0 if signals.received else float(clock.should_stop()))
-            if world > 1:
-                stopping = accelerator.reduce(stopping, "max")  # every process stops at the same step
-            if stopping.item() >= 2:  # SIGINT / SIGTERM (pre-emption, Ctrl-C): checkpoint, then leave
-                checkpoint(clock.steps)
-                metrics.close()
-                raise Interrupted(f"{signals.name if signals.received else 'a stop signal'} at step {clock.steps}: checkpoint "
-                                  f"written to {run.checkpoints}; continue with `budgetune train ... --resume`",
-                                  signals.received or signal.SIGTERM)
-            if stopping.item():
-                break
+
+# --- the loop ----------------------------------------------------------------------------------------------------
+
+
+def fit(run: Run) -> None:
+    """Optimizer steps until the budget says stop; periodic evals and checkpoints between them."""
+    clock, metrics = run.clock, run.metrics
+    run.model.train()
+    with TrainProgress(enabled=run.show) as bar, StopSignals() as signals:
+        run.say = bar.log if bar.enabled else run.say
+        while not _should_stop(run, signals):
             t0 = time.monotonic()
             clock.start_training()  # warmup and the schedule count from the first optimizer step
-            q_before = clock.schedule_progress()
-            rows = [sampler.next() for _ in range(accum)]
-            while True:
-                try:
-                    targets, step_tokens, loss_sum = forward_backward(rows)
-                    break
-                except torch.OutOfMemoryError:
-                    # the same rows in micro-batches half as large: same effective batch, same data order
-                    optimizer.zero_grad(set_to_none=True)
-                    if len(rows[0]) == 1 or fused:
-                        raise TrainingError(f"out of memory at micro-batch {len(rows[0])}"
-                                            + (" with an optimizer that updates inside backward" if fused else "")
-                                            + f" (seq_len {cfg.data.seq_len}); lower data.seq_len, turn on "
-                                            "model.gradient_checkpointing, or use an adapter method (see `budgetune plan`)") from None
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    rows = halve_micro_batch(rows)
-                    sampler.micro_batch, accum = len(rows[0]), len(rows)
-                    metrics.write(event="out_of_memory", step=clock.steps + 1, micro_batch=sampler.micro_batch, grad_accum=accum)
-                    bar.log(f"step {clock.steps + 1}: out of memory; micro-batch now {sampler.micro_batch}, accumulation {accum}")
-            # the step-time estimate (used to stop on time) is the previous step's full duration,
-            # optimizer included; the first step has only its forward and backward to go by
-            clock.record_step(step_tokens, previous_step_s or time.monotonic() - t0)
-            p, q = clock.progress(), clock.schedule_progress()
-            # the LR of a step is the schedule at the middle of the progress it covers: neither
-            # the first step (warmup) nor the last (annealed to zero) is wasted at lr = 0
-            lr = cfg.optim.lr * bad.lr_factor * lr_multiplier(0.5 * (q_before + q), cfg.schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-            # the norm is taken (and non-finite gradients found) even with clipping off
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
-            loss_value = reduce_sum(loss_sum).item() / max(targets, 1.0)
-            verdict = bad.record(BadSteps.finite(loss_value, grad_norm))
-            if verdict != "ok":  # a non-finite loss or gradient: no update from this step
-                optimizer.zero_grad(set_to_none=True)
-                metrics.write(event="bad_step", step=clock.steps, in_a_row=bad.in_a_row, total=bad.total, action=verdict)
-                bar.log(f"step {clock.steps}: non-finite loss or gradient; step skipped ({bad.total} so far)")
-                if verdict == "restore" and list_checkpoints(run.checkpoints):
-                    restore_last_checkpoint()
-                    bar.log(f"{bad.limit} bad steps in a row: back to {list_checkpoints(run.checkpoints)[-1].name}, "
-                            f"learning rate × {bad.lr_factor:g}")
-                elif verdict != "skip":
-                    raise TrainingError(
-                        f"{bad.limit} steps in a row with a non-finite loss or gradient at step {clock.steps}"
-                        + (" even after going back to the last checkpoint with a halved learning rate" if verdict == "give_up"
-                           else " before the first checkpoint")
-                        + ": lower optim.lr, raise schedule.warmup, or check the data; saved weights are all finite")
-                previous_step_s = time.monotonic() - t0
+            q0 = clock.schedule_progress()
+            targets, tokens, loss_sum = steps.backward(run, run.next_rows())
+            # stopping on time needs the step's duration: the previous one's (optimizer included), or this backward's
+            clock.record_step(tokens, run.step_seconds[-1] if run.step_seconds else time.monotonic() - t0)
+            run.lr = run.lr_between(q0, clock.schedule_progress())
+            result = steps.update(run, targets, tokens, loss_sum, run.lr)
+            run.step_seconds.append(time.monotonic() - t0)
+            if result.verdict != "ok":
+                _bad_step(run, result)
                 continue
-            fast_forwarding = fast_forward is not None and fast_forward.due(clock.steps)
-            if fast_forwarding:
-                fast_forward.remember(trainable_params)
-            optimizer.step()
-            method.after_update(raw_model, cfg.method, q)  # e.g. AdaLoRA reallocates ranks (needs the gradients)
-            optimizer.zero_grad(set_to_none=True)
-            if fast_forwarding:
-                repeats, ff_loss = fast_forward.run(trainable_params)
-                metrics.write(event="fast_forward", step=clock.steps, repeats=repeats, ff_loss=ff_loss)
-            if method.select(raw_model, cfg.method, clock.steps):  # e.g. LISA samples new layers
-                optimizer = accelerator.prepare(build_optimizer(raw_model, cfg.optim, method.lr_scales(cfg.method)))
+            run.last = result
+            _after_step(run, result, bar)
+            _periodic(run)
+    run.checkpointer.wait()
+    if run.clock.steps == 0:
+        raise BudgetuneError(f"the budget ({clock.budget.describe()}) ran out before the first optimizer step: "
+                            f"{clock.elapsed():.1f}s went to data preparation and evals with {clock.reserve_s:.1f}s kept for "
+                            "the final eval + save; raise the budget or lower data.seq_len / train.batch_tokens (nothing was saved)")
 
-            seconds = previous_step_s = time.monotonic() - t0
-            tokens_per_s = step_tokens / max(seconds, 1e-9)
-            step_rates.append(tokens_per_s)
-            metrics.write(step=clock.steps, tokens=clock.tokens, seconds=round(clock.elapsed(), 3), progress=round(p, 5), schedule_progress=round(q, 5),
-                          loss=loss_value, lr=lr, tokens_per_s=round(tokens_per_s, 1), grad_norm=float(grad_norm),
-                          memory_mb=round(peak_memory_bytes(device) / 2**20, 1), epoch=round(sampler.epoch, 4))
-            bar.update(p, clock.steps, loss_value, lr, tokens_per_s, clock.time_left(), clock.governing())
 
-            time_left = clock.time_left()
-            time_left_for_extras = (math.inf if time_left is None else time_left) - clock.reserve_s
-            if eval_every.due(p, clock.elapsed()) and p < 1.0 and time_left_for_extras > 2 * eval_cost:
-                t = time.monotonic()
-                eval_value = eval_loss()
-                eval_cost = time.monotonic() - t
-                update_reserve()
-                metrics.write(event="eval", step=clock.steps, tokens=clock.tokens, seconds=round(clock.elapsed(), 3), eval_loss=eval_value)
-                bar.log(f"step {clock.steps}: eval loss {eval_value:.4f}")
-            if ckpt_every.due(p, clock.elapsed()) and p < 1.0 and time_left_for_extras > 2 * bytes_to_save / save_rate:
-                checkpoint(clock.steps)
+def _should_stop(run: Run, signals: StopSignals) -> bool:
+    """Every process stops at the same step: on the budget, or on SIGINT / SIGTERM (checkpoint, then leave)."""
+    stopping = torch.tensor([2.0 if signals.received else float(run.clock.should_stop())], device=run.device)
+    if run.world > 1:
+        stopping = run.accelerator.reduce(stopping, "max")
+    if stopping.item() >= 2:
+        run.checkpoint(final=True)
+        run.metrics.close()
+        raise Interrupted(f"{signals.name if signals.received else 'a stop signal'} at step {run.clock.steps}: checkpoint "
+                          f"written to {run.dir.checkpoints}; continue with `budgetune train ... --resume`",
+                          signals.received or signal.SIGTERM)
+    return bool(stopping.item())
 
-    # --- final eval and save: inside the budget, paid for by the reserve ------------------------
-    loss_after = eval_loss()
-    metrics.write(event="eval", step=clock.steps, tokens=clock.tokens, seconds=round(clock.elapsed(), 3), eval_loss=loss_after)
-    checkpoint(clock.steps)
+
+def _bad_step(run: Run, result: steps.StepResult) -> None:
+    """A non-finite loss or gradient: skipped, counted; after too many, back to the last checkpoint or stop."""
+    bad = run.bad
+    run.metrics.write(event="bad_step", step=run.clock.steps, in_a_row=bad.in_a_row, total=bad.total, action=result.verdict)
+    run.say(f"step {run.clock.steps}: non-finite loss or gradient; step skipped ({bad.total} so far)")
+    if result.verdict == "restore" and list_checkpoints(run.dir.checkpoints):
+        run.restore_last_checkpoint()
+        run.say(f"{bad.limit} bad steps in a row: back to {list_checkpoints(run.dir.checkpoints)[-1].name}, "
+                f"learning rate × {bad.lr_factor:g}")
+    elif result.verdict != "skip":
+        raise TrainingError(
+            f"{bad.limit} steps in a row with a non-finite loss or gradient at step {run.clock.steps}"
+            + (" even after going back to the last checkpoint with a halved learning rate" if result.verdict == "give_up"
+               else " before the first checkpoint")
+            + ": lower optim.lr, raise schedule.warmup, or check the data; saved weights are all finite")
+
+
+def _after_step(run: Run, result: steps.StepResult, bar: TrainProgress) -> None:
+    """Log the step; warn once when the machine is far slower than the probe measured."""
+    clock = run.clock
+    tokens_per_s = result.tokens / max(run.step_seconds[-1], 1e-9)
+    run.step_rates.append(tokens_per_s)
+    if result.fast_forward is not None:
+        run.metrics.write(event="fast_forward", step=clock.steps, repeats=result.fast_forward[0], ff_loss=result.fast_forward[1])
+    run.metrics.write(step=clock.steps, tokens=clock.tokens, seconds=round(clock.elapsed(), 3), progress=round(clock.progress(), 5),
+                      schedule_progress=round(clock.schedule_progress(), 5), loss=result.loss, lr=run.lr,
+                      tokens_per_s=round(tokens_per_s, 1), grad_norm=result.grad_norm,
+                      memory_mb=round(peak_memory_bytes(run.device) / 2**20, 1), epoch=round(run.sampler.epoch, 4))
+    bar.update(clock.progress(), clock.steps, result.loss, run.lr, tokens_per_s, clock.training_time_left(), clock.governing())
+    probed = (run.prediction or {}).get("measured_tokens_per_s")
+    if probed and not run.warned_busy and len(run.step_rates) >= 5 and statistics.median(run.step_rates[-5:]) * BUSY_FACTOR < probed:
+        run.warned_busy = True
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        run.say(f"warning: training runs at {statistics.median(run.step_rates[-5:]):,.0f} tokens/s, less than a third of the "
+                f"{probed:,.0f} measured before the run; load average {load:.1f} on {os.cpu_count()} cores — other processes "
+                "are probably using the CPU/GPU, and this budget will buy fewer steps")
+        run.metrics.write(event="slow", step=clock.steps, tokens_per_s=round(tokens_per_s, 1), probed_tokens_per_s=probed, load=load)
+
+
+def _periodic(run: Run) -> None:
+    """Evals and checkpoints that are due, if the time left can pay for them."""
+    clock = run.clock
+    p, elapsed = clock.progress(), clock.elapsed()
+    time_left = clock.training_time_left()
+    spare = math.inf if time_left is None else time_left
+    if run.eval_every.due(p, elapsed) and p < 1.0:
+        if spare > 2 * run.eval_cost():
+            run.say(f"step {clock.steps}: eval loss {run.evaluate():.4f}")
+        else:
+            run.skipped_evals += 1
+            run.metrics.write(event="eval_skipped", step=clock.steps, seconds_left=round(spare, 2), eval_cost_s=round(run.eval_cost(), 2))
+            if run.skipped_evals == 1:
+                run.say(f"step {clock.steps}: periodic eval skipped: {spare:.1f}s of training time left, an eval costs "
+                        f"{run.eval_cost():.1f}s (later ones are skipped quietly; see metrics.jsonl)")
+    if run.ckpt_every.due(p, elapsed) and p < 1.0 and spare > 2 * run.checkpointer.cost_s():
+        run.checkpoint()
+
+
+# --- the end ---------------------------------------------------------------------------------------------------
+
+
+def finish(run: Run) -> dict:
+    """Final eval, checkpoint and model — paid for by the reserve — then summary and report."""
+    cfg, clock, main = run.cfg, run.clock, run.main
+    run.say(f"final eval + save (reserve {clock.reserve_s:.1f}s)")
+    loss_after = run.evaluate()
+    run.checkpoint(final=True)
     if main:
-        _save_final(run, method, raw_model, tokenizer)
+        _save_final(run.dir, run.method, run.raw_model, run.tokenizer)
     elapsed = clock.elapsed()
     budget_s = clock.budget.time_s
+    train_s = sum(run.step_seconds)
     summary = {
-        "run_dir": str(run.path),
+        "run_dir": str(run.dir.path),
         "method": cfg.method.name,
         "budget": {k: v for k, v in vars(clock.budget).items() if v is not None},
         "governing_budget": clock.governing(),
         "steps": clock.steps,
         "tokens": clock.tokens,
-        "flops": clock.tokens * fpt,
-        "flops_per_token": fpt,
-        "started_at": started_at,  # wall clock when the budget clock started (after model load)
+        "flops": clock.tokens * run.fpt,
+        "flops_per_token": run.fpt,
+        "started_at": run.started_at,  # wall clock when the budget clock started (after model load)
         "elapsed_s": round(elapsed, 3),
         "overshoot_s": round(elapsed - budget_s, 3) if budget_s is not None else None,
+        # share of the time budget spent inside optimizer steps (this attempt's steps, for a resumed run)
+        "budget_utilisation": round(train_s / budget_s, 4) if budget_s else None,
+        "train_steps_s": round(train_s, 3),
+        "evals_skipped": run.skipped_evals,
         "tokens_per_s": round(clock.tokens / max(1e-9, elapsed), 1),
-        "train_tokens_per_s_last": round(tokens_per_s, 1),
-        "train_tokens_per_s_median": round(statistics.median(step_rates), 1) if step_rates else None,
-        "eval_loss_before": loss_before,
+        "train_tokens_per_s_last": round(run.step_rates[-1], 1) if run.step_rates else None,
+        "train_tokens_per_s_median": round(statistics.median(run.step_rates), 1) if run.step_rates else None,
+        "eval_loss_before": run.loss_before,
         "eval_loss_after": loss_after,
-        "uniform_loss": math.log(len(tokenizer)),
-        "final_train_loss": loss_value,
-        "final_lr": lr,
-        "parameters": total,
-        "trainable_parameters": trainable,
-        "peak_memory_mb": round(peak_memory_bytes(device) / 2**20, 1),
-        "predicted": prediction,  # the planner's numbers for this recipe, before the run
-        "recipe": {"method": cfg.method.name, "micro_batch": sampler.micro_batch, "grad_accum": accum,
-                   "gradient_checkpointing": cfg.model.gradient_checkpointing},
-        "epochs": round(sampler.epoch, 4),
-        "fast_forward_repeats": fast_forward.repeats if fast_forward else None,
-        "bad_steps": bad.total,
-        "restores": bad.restores,
-        "world_size": world,
-        "data": data.summary(),
-        "environment": environment(device),
+        "uniform_loss": math.log(len(run.tokenizer)),
+        "final_train_loss": run.last.loss if run.last else math.nan,
+        "final_lr": run.lr,
+        "parameters": run.total,
+        "trainable_parameters": run.trainable,
+        "peak_memory_mb": round(peak_memory_bytes(run.device) / 2**20, 1),
+        "predicted": run.prediction,  # the planner's numbers for this recipe, before the run
+        "recipe": {"method": cfg.method.name, "micro_batch": run.sampler.micro_batch, "grad_accum": run.accum,
+                   "gradient_checkpointing": cfg.model.gradient_checkpointing, "lr": cfg.optim.lr,
+                   "batch_tokens": run.sampler.micro_batch * run.accum * run.world * cfg.data.seq_len},
+        "epochs": round(run.sampler.epoch, 4),
+        "fast_forward_repeats": run.fast_forward.repeats if run.fast_forward else None,
+        "bad_steps": run.bad.total,
+        "restores": run.bad.restores,
+        "world_size": run.world,
+        "data": run.data.summary(),
+        "environment": environment(run.device),
     }
-    metrics.close()
+    run.metrics.close()
     if main:
-        _write_json(run.summary, summary)
+        _write_json(run.dir.summary, summary)
         if cfg.output.report:
-            report([run.path])  # RUN_DIR/report.html (its cost is in the reserve)
-        log(f"done in {format_duration(elapsed)}"
-            + (f" (budget {format_duration(budget_s)}, overshoot {summary['overshoot_s']:+.2f}s)" if budget_s else "")
-            + f": {clock.steps} steps, {format_count(clock.tokens)} tokens, eval loss {loss_before:.4f} → {loss_after:.4f}; run folder {run.path}")
-        if prediction:
-            log(f"planner: peak memory {prediction['peak_memory_mb']:.0f} MB predicted, {summary['peak_memory_mb']:.0f} MB measured; "
-                f"{prediction['tokens_per_s']:,.0f} tokens/s predicted (uncalibrated), {summary['train_tokens_per_s_median'] or 0:,.0f} measured (median step)")
+            report([run.dir.path])  # RUN_DIR/report.html (its cost is in the reserve)
+        run.say(f"done in {format_duration(elapsed)}"
+                + (f" (budget {format_duration(budget_s)}, overshoot {summary['overshoot_s']:+.2f}s, "
+                   f"{100 * summary['budget_utilisation']:.0f}% of it in optimizer steps)" if budget_s else "")
+                + f": {clock.steps} steps, {format_count(clock.tokens)} tokens, eval loss {run.loss_before:.4f} → {loss_after:.4f}; "
+                f"run folder {run.dir.path}")
+        if run.prediction:
+            run.say(f"planner: peak memory {run.prediction['peak_memory_mb']:.0f} MB predicted, {summary['peak_memory_mb']:.0f} MB measured; "
+                    f"{run.prediction['tokens_per_s']:,.0f} tokens/s predicted, {summary['train_tokens_per_s_median'] or 0:,.0f} measured (median step)")
     if cfg.tracking:
-        accelerator.end_training()
-    accelerator.wait_for_everyone()
+        run.accelerator.end_training()
+    run.accelerator.wait_for_everyone()
     return summary
+
+
+def _save_final(run_dir: RunDir, method, model, tokenizer) -> None:
+    """The trained result in Hugging Face format, written beside and renamed into place."""
+    tmp = run_dir.path / ".tmp-model"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    method.save_pretrained(model, tmp)
+    tokenizer.save_pretrained(str(tmp))
+    if run_dir.model.exists():
+        shutil.rmtree(run_dir.model)
+    os.replace(tmp, run_dir.model)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)

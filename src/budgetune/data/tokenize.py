@@ -78,12 +78,19 @@ def tokenize_files(files: list[Path], tokenizer, cfg, cache_dir: Path | None = N
     key = _cache_key(files, tokenizer, cfg)
     folder = cache_dir / key
     if (folder / "meta.json").exists():
-        meta = json.loads((folder / "meta.json").read_text())
-        log(f"tokenised data from cache ({meta['examples']} examples, {meta['tokens']} tokens): {folder}")
-        return TokenizedSet(
-            np.load(folder / "tokens.npy"), np.load(folder / "loss_mask.npy"), np.load(folder / "offsets.npy"), meta["format"],
-            meta.get("skipped", 0), meta.get("skip_reasons", []),
-        )
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            cached = TokenizedSet(
+                np.load(folder / "tokens.npy"), np.load(folder / "loss_mask.npy"), np.load(folder / "offsets.npy"), meta["format"],
+                meta.get("skipped", 0), meta.get("skip_reasons", []),
+            )
+            if len(cached.tokens) != meta["tokens"] or len(cached) != meta["examples"]:
+                raise ValueError(f"{len(cached.tokens)} tokens and {len(cached)} examples on disk, {meta['tokens']} and {meta['examples']} written")
+            log(f"tokenised data from cache ({meta['examples']} examples, {meta['tokens']} tokens): {folder}")
+            return cached
+        except (OSError, ValueError, KeyError, TypeError, EOFError) as e:  # the disk damaged it: rebuild, don't crash
+            log(f"the tokenisation cache entry {folder} is damaged ({type(e).__name__}: {e}); tokenising again")
+            shutil.rmtree(folder, ignore_errors=True)
     data = _tokenize(files, tokenizer, cfg)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import MethodOptions
+from ..method_options import MethodOptions
 
 
 class Method:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import MethodOptions
+from ..method_options import MethodOptions
 from . import register
 from .peft_tuners import PeftTuner
 

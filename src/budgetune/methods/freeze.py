@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import MethodOptions
+from ..method_options import MethodOptions
 from . import Method, register
 from .lisa import decoder_layers
 

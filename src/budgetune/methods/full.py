@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from ..config import MethodOptions
+from ..method_options import MethodOptions
 from . import Method, register
 
 

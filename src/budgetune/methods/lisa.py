@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import MethodOptions
+from ..method_options import MethodOptions
 from . import Method, register
 
 

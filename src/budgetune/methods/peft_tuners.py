@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import MethodOptions
+from ..method_options import MethodOptions
 from . import Method, register
 
 

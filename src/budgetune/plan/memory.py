@@ -83,7 +83,7 @@ import fnmatch
 import json
 from dataclasses import dataclass, field
 
-from .recipe import Recipe
+from .recipe import Recipe, prepare_method
 
 MiB = 2**20
 DEFAULT_OVERHEAD = {"cpu": 400 * MiB, "cuda": 1024 * MiB}
@@ -299,7 +299,6 @@ def counted_trainable_parameters(config, recipe: Recipe) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .search import prepare_method
 
     with torch.device("meta"):
         model = prepare_method(AutoModelForCausalLM.from_config(config), recipe)

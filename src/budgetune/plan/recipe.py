@@ -31,3 +31,11 @@ class Recipe:
         d = asdict(self)
         d["lora_targets"] = list(self.lora_targets)
         return d
+
+
+def prepare_method(model, recipe: Recipe):
+    """Apply the recipe's method to a model, as training would."""
+    from ..methods import get_method
+
+    method = get_method(recipe.method)
+    return method.prepare(model, method.Options(**recipe.extra.get("method_options", {"name": recipe.method})))

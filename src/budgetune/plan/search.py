@@ -21,7 +21,7 @@ from ..optim import updates_in_backward
 from ..units import format_bytes, format_count, parse_bytes, parse_count, parse_duration
 from .batch import BatchChoice, choose_batch, rows_from_batch_tokens
 from .memory import MemoryEstimate, estimate_memory
-from .recipe import Recipe
+from .recipe import Recipe, prepare_method
 from ..budget import Budget
 from .scaling import ScratchProposal, propose_scratch
 from .throughput import device_flops_guess, probe, step_flops_per_token
@@ -67,6 +67,7 @@ class Plan:
     scratch: ScratchProposal | None = None
     notes: list[str] = field(default_factory=list)
     batch: BatchChoice | None = None  # tokens per step chosen for the budget (None: pinned, or a step budget)
+    measured_tokens_per_s: float | None = None  # forward+backward speed timed before choosing the batch
 
     @property
     def fitting(self) -> list[Candidate]:
@@ -121,14 +122,6 @@ def parameter_counts(config, recipe: Recipe) -> tuple[int, int, int]:
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     n_matmul, n_trainable = matmul_parameters(model)
     return total, n_matmul, n_trainable
-
-
-def prepare_method(model, recipe: Recipe):
-    """Apply the recipe's method to a model, as training would."""
-    from ..methods import get_method
-
-    method = get_method(recipe.method)
-    return method.prepare(model, method.Options(**recipe.extra.get("method_options", {"name": recipe.method})))
 
 
 def estimate_unique_tokens(cfg) -> float | None:
@@ -273,7 +266,7 @@ def make_plan(cfg, probe_steps: int | None = None, log=print, measure_batch_spee
     rank = lambda c: (not c.fits, method_rank.get(c.recipe.method, 2), -c.tokens_per_s, c.recipe.gradient_checkpointing, -c.recipe.micro_batch)  # noqa: E731
     candidates = sorted(evaluate(candidate_recipes(cfg, device)), key=rank)
     notes = []
-    batch = None
+    batch, measured = None, None
     if batch_is_open(cfg) and candidates:
         # the objective is the model at the end of the budget: the batch follows the tokens it buys
         best = candidates[0]
@@ -282,6 +275,7 @@ def make_plan(cfg, probe_steps: int | None = None, log=print, measure_batch_spee
             measure_batch_speed = bool(probe_steps) or (total < PROBE_BATCH_MAX_PARAMS and (device.type == "cpu" or torch.cuda.is_available()))
         if measure_batch_speed and cfg.budget.time is not None and best.fits:
             _calibrate(config, [best], 1, device, log)
+            measured = best.tokens_per_s
         batch = choose_batch(Budget.from_config(cfg.budget), best.tokens_per_s, best.flops_per_token, cfg.data.seq_len,
                              best.recipe.world_size, scratch=cfg.model.init == "scratch",
                              non_embedding_params=non_embedding_parameters(config, n_matmul),
@@ -308,7 +302,7 @@ def make_plan(cfg, probe_steps: int | None = None, log=print, measure_batch_spee
             budget_flops = (candidates[0].tokens_per_s * candidates[0].flops_per_token) * time_s
         if budget_flops:
             scratch = propose_scratch(budget_flops, unique)
-    return Plan(device.type, memory_budget, candidates, unique, scratch, notes, batch)
+    return Plan(device.type, memory_budget, candidates, unique, scratch, notes, batch, measured)
 
 
 def non_embedding_parameters(config, n_matmul: int) -> float:
@@ -399,5 +393,6 @@ def plan_for_training(cfg, log=print):
     prediction = None
     if match is not None:
         prediction = {"peak_memory_mb": round(match.memory.total / 2**20, 1), "tokens_per_s": round(match.tokens_per_s, 1),
+                      "measured_tokens_per_s": round(plan.measured_tokens_per_s, 1) if plan.measured_tokens_per_s else None,
                       "fits": match.fits, "memory_terms_mb": {k: round(v / 2**20, 1) for k, v in match.memory.terms.items()}}
     return cfg, prediction
