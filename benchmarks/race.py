@@ -1,7 +1,9 @@
 """The race: budgetune's defaults against the strongest standard peers at equal wall-clock.
 
-    python benchmarks/race.py [--seconds 150] [--seeds 0,1] [--races finetune-full,finetune-lora,pretrain] [--work DIR]
-    python benchmarks/race.py --races throughput      # tokens/s and peak memory, same recipe both sides
+    python benchmarks/race.py [--seconds 150] [--seeds 0,1] [--races finetune-full,pretrain,finetune-lora] [--work DIR]
+    python benchmarks/race.py --races finetune-full --seconds 90 --batch-sweep 512,1024,2048,4096   # the batch rule's check
+
+(Throughput and peak memory with the same recipe on both sides: benchmarks/vs_trainer.py.)
 
 Data nobody tuned for (built from packages installed beside budgetune, so every rerun sees
 the same files): fine-tuning = ~5k prompt → completion examples from sympy (prompt: the

@@ -55,7 +55,7 @@ def test_two_process_ddp_equals_single_process_accumulation(tmp_path, method):
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
 
     # resume the DDP run with a larger budget, still on two processes
-    cmd += ["--resume", "--budget.steps", "6"]
+    cmd += ["--resume", "--extend", "--budget.steps", "6"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert yaml.safe_load((tmp_path / "ddp" / "run" / "summary.json").read_text())["steps"] == 6
@@ -99,10 +99,10 @@ def test_fsdp2_on_cpu_trains_checkpoints_resumes_and_exports_like_one_process(tm
 
     same(run, single)
     # resume both with a larger budget: the optimizer state restored into the shards must match
-    done = subprocess.run(cmd + ["--resume", "--budget.steps", "6"], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd + ["--resume", "--extend", "--budget.steps", "6"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     single_cfg["budget"] = {"steps": 6}
-    train(single_cfg, resume=True, quiet=True)
+    train(single_cfg, resume=True, extend=True, quiet=True)
     same(run, single)
     merged = AutoModelForCausalLM.from_pretrained(export(run, merge=True))
     assert sum(p.numel() for p in merged.parameters()) == yaml.safe_load((run / "summary.json").read_text())["parameters"]
