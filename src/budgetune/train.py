@@ -23,6 +23,7 @@ from .config import Config, dump_config, load_config, parse_interval
 from .console import TrainProgress, quiet_libraries, say
 from .data import IGNORE, prepare_data
 from .data.sampler import RowSampler
+from .data.select import tokens_in_budget
 from .evaluate import heldout_loss, token_losses
 from .fast_forward import FastForward
 from .methods import get_method
@@ -161,7 +162,9 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool, unde
     clock = BudgetClock(Budget.from_config(cfg.budget), fpt)
     started_at = time.time()
     with accelerator.main_process_first():
-        data = prepare_data(cfg, tokenizer, seed=cfg.train.seed, log=log)
+        # data.select scores with the model being trained (its time is paid from the budget: the clock runs)
+        data = prepare_data(cfg, tokenizer, seed=cfg.train.seed, log=log, model=model,
+                            budget_tokens=lambda: tokens_in_budget(cfg, prediction, fpt, clock.elapsed(), world))
     if accelerator.is_main_process:
         under_way()
     log(f"data: {data.train_examples} {data.format} examples → {len(data.train)} rows of {cfg.data.seq_len} "
