@@ -1,0 +1,156 @@
+"""Data selection at an equal time budget that covers less than one epoch (issue 17).
+
+    python benchmarks/data_selection.py [--seconds 30] [--base-seconds 90] [--seeds 0,1] [--work DIR]
+
+1. A base model: `budgetune train demo` for --base-seconds (a tiny Llama pre-trained on the
+   standard library's sources), as benchmarks/methods.py does.
+2. Data: the docstring → function chat set (`stdlib_chat`, 1,000 chats): 100 clean chats are
+   the held-out set (data.eval), 50 others the RDS target examples, the rest (850) training
+   data. (a) clean: those 850. (b) noisy: the same with 30% of the final set noise —
+   75 exact duplicates, 75 near duplicates (a reworded request and a trailing comment),
+   75 chats whose answers are swapped with another's, 75 with the answer cut to 30%.
+3. Each run fine-tunes the base (full, AdamW, lr 5e-4, seq_len 512, micro-batch 8) for the
+   same time budget. `all`: no selection (a random order over everything); then each
+   data.select method keeping the share of tokens that `all` got through in the budget
+   (so a perfect ranking could put the budget on its best examples). Every run has its own
+   cache folder: the model-scoring methods pay their scoring time inside the budget.
+   On (b) also `all` + data.dedup near. Held-out loss on the clean held-out chats, per seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+METHODS = ["random", "length", "loss", "ifd", "cdas", "rds"]
+
+
+def run(cfg: dict, out: Path) -> dict:
+    path = out.with_suffix(".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cfg))
+    done = subprocess.run([sys.executable, "-c", f"import json, budgetune; budgetune.train(json.load(open({str(path)!r})), quiet=True)"],
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(done.stderr[-2000:])
+    return json.loads((out / "summary.json").read_text())
+
+
+def write(path: Path, records: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def noisy(records: list[dict], seed: int = 0) -> list[dict]:
+    """30% noise: exact and near duplicates added, answers swapped or truncated in place."""
+    rng = random.Random(seed)
+    n = len(records)
+    k = round(0.15 * n / 0.85 / 2)  # each of the four kinds: 7.5% of the final set
+    out = [json.loads(json.dumps(r)) for r in records]
+    victims = rng.sample(range(n), 3 * k)
+    swapped, truncated = victims[: 2 * k : 2], victims[2 * k :]
+    for a in swapped:  # swap with a random other chat
+        b = rng.randrange(n)
+        out[a]["messages"][2]["content"], out[b]["messages"][2]["content"] = (out[b]["messages"][2]["content"],
+                                                                              out[a]["messages"][2]["content"])
+    for a in truncated:
+        answer = out[a]["messages"][2]["content"]
+        out[a]["messages"][2]["content"] = answer[: max(1, int(0.3 * len(answer)))]
+    extra = [json.loads(json.dumps(records[i])) for i in rng.sample(range(n), k)]
+    for i in rng.sample(range(n), k):
+        near = json.loads(json.dumps(records[i]))
+        near["messages"][1]["content"] = near["messages"][1]["content"].replace("Write", "Please write", 1)
+        near["messages"][2]["content"] += "\n# end"
+        extra.append(near)
+    out += extra
+    rng.shuffle(out)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=30)
+    ap.add_argument("--base-seconds", type=float, default=90)
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--work", help="work folder (reuses its base model if present)")
+    args = ap.parse_args()
+    from budgetune.data.corpora import stdlib_chat
+
+    tmp = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="budgetune-selection-"))
+    if not (tmp / "base" / "model").exists():
+        subprocess.run([sys.executable, "-m", "budgetune", "train", "demo", "--budget.time", f"{args.base_seconds}s",
+                        "--output.dir", str(tmp / "base"), "--quiet", "--overwrite"], check=True)
+    chats = [json.loads(line) for line in stdlib_chat(tmp / "chat.jsonl", limit=1000).read_text().splitlines()]
+    random.Random(0).shuffle(chats)
+    heldout, target, train = chats[:100], chats[100:150], chats[150:]
+    files = {"eval": write(tmp / "heldout.jsonl", heldout), "target": write(tmp / "target.jsonl", target),
+             "clean": write(tmp / "clean.jsonl", train), "noisy": write(tmp / "noisy.jsonl", noisy(train))}
+
+    def config(data: str, label: str, seed: int, select=None, dedup="off") -> dict:
+        out = tmp / "runs" / data / f"{label}-s{seed}"
+        return {
+            "model": {"name": str(tmp / "base" / "model")},
+            "data": {"train": [files[data]], "eval": [files["eval"]], "seq_len": 512, "cache_dir": str(out) + "-cache",
+                     "dedup": dedup, "select": select or {"method": "off"}},
+            "method": "full", "optim": {"name": "adamw", "lr": 5e-4, "weight_decay": 0.0},
+            "schedule": {"name": "cosine", "warmup": 0.05}, "budget": {"time": f"{args.seconds}s"},
+            "train": {"micro_batch": 8, "seed": seed}, "eval": {"every": None, "max_tokens": 65536},
+            "checkpoint": {"every": None}, "output": {"dir": str(out), "overwrite": True},
+        }
+
+    results: dict = {}
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for data in ("clean", "noisy"):
+        for seed in seeds:
+            base = run(config(data, "all", seed), Path(config(data, "all", seed)["output"]["dir"]))
+            fraction = round(min(1.0, base["tokens"] / base["data"]["train_tokens"]), 3)
+            rows = {"all": base}
+            for method in args.methods.split(","):
+                select = {"method": method, "fraction": fraction}
+                if method == "rds":
+                    select["target"] = [files["target"]]
+                cfg = config(data, method, seed, select)
+                rows[method] = run(cfg, Path(cfg["output"]["dir"]))
+            if data == "noisy":
+                cfg = config(data, "all+dedup", seed, dedup="near")
+                rows["all + dedup near"] = run(cfg, Path(cfg["output"]["dir"]))
+            for label, s in rows.items():
+                sel = s["data"].get("selection") or {}
+                entry = {"data": data, "seed": seed, "run": label, "fraction": fraction, "eval_loss": s["eval_loss_after"],
+                         "loss_before": s["eval_loss_before"], "tokens": s["tokens"], "steps": s["steps"],
+                         "scoring_s": sel.get("scoring_s", 0.0), "examples": s["data"]["train_examples"],
+                         "dedup": s["data"].get("dedup")}
+                results.setdefault((data, label), []).append(entry)
+                print(json.dumps(entry), flush=True)
+
+    print(f"\nequal budget {args.seconds:.0f} s per run; base {args.base_seconds:.0f} s demo pre-training; seeds {seeds}; "
+          f"held-out: 100 clean chats\n")
+    print("| data | run | kept share of tokens | held-out loss per seed | mean | Δ vs all | scoring s | tokens trained |")
+    print("|---|---|---|---|---|---|---|---|")
+    for data in ("clean", "noisy"):
+        ref = statistics.mean(e["eval_loss"] for e in results[(data, "all")])
+        for (d, label), entries in results.items():
+            if d != data:
+                continue
+            mean = statistics.mean(e["eval_loss"] for e in entries)
+            share = "1.0" if label.startswith("all") else "/".join(f"{e['fraction']:.2f}" for e in entries)
+            losses = " / ".join(f"{e['eval_loss']:.3f}" for e in entries)
+            print(f"| {data} | {label} | {share} | {losses} | {mean:.3f} | "
+                  f"{mean - ref:+.3f} | {statistics.mean(e['scoring_s'] for e in entries):.1f} | "
+                  f"{statistics.mean(e['tokens'] for e in entries):,.0f} |")
+    dd = results.get(("noisy", "all + dedup near"))
+    if dd:
+        print(f"\ndedup near on (b): dropped {dd[0]['dedup']['dropped_exact']} exact and {dd[0]['dedup']['dropped_near']} near "
+              f"duplicates of {dd[0]['examples'] + dd[0]['dedup']['dropped_exact'] + dd[0]['dedup']['dropped_near']} chats")
+    print(f"loss of the base on the held-out chats before training: {results[('clean', 'all')][0]['loss_before']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
