@@ -1,6 +1,6 @@
 """Data selection at an equal time budget that covers less than one epoch (issue 17).
 
-    python benchmarks/data_selection.py [--seconds 30] [--base-seconds 90] [--seeds 0,1] [--work DIR]
+    python benchmarks/data_selection.py [--seconds 45] [--base-seconds 90] [--seeds 0,1] [--work DIR]
 
 1. A base model: `budgetune train demo` for --base-seconds (a tiny Llama pre-trained on the
    standard library's sources), as benchmarks/methods.py does.
@@ -75,7 +75,7 @@ def noisy(records: list[dict], seed: int = 0) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=float, default=30)
+    ap.add_argument("--seconds", type=float, default=45)
     ap.add_argument("--base-seconds", type=float, default=90)
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -101,7 +101,7 @@ def main() -> None:
                      "dedup": dedup, "select": select or {"method": "off"}},
             "method": "full", "optim": {"name": "adamw", "lr": 5e-4, "weight_decay": 0.0},
             "schedule": {"name": "cosine", "warmup": 0.05}, "budget": {"time": f"{args.seconds}s"},
-            "train": {"micro_batch": 8, "seed": seed}, "eval": {"every": None, "max_tokens": 65536},
+            "train": {"micro_batch": 8, "seed": seed}, "eval": {"every": None, "max_tokens": 16384},
             "checkpoint": {"every": None}, "output": {"dir": str(out), "overwrite": True},
         }
 
@@ -110,7 +110,7 @@ def main() -> None:
     for data in ("clean", "noisy"):
         for seed in seeds:
             base = run(config(data, "all", seed), Path(config(data, "all", seed)["output"]["dir"]))
-            fraction = round(min(1.0, base["tokens"] / base["data"]["train_tokens"]), 3)
+            fraction = round(min(1.0, max(0.02, base["tokens"] / base["data"]["train_tokens"])), 3)
             rows = {"all": base}
             for method in args.methods.split(","):
                 select = {"method": method, "fraction": fraction}
