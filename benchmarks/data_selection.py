@@ -1,20 +1,23 @@
 """Data selection at an equal time budget that covers less than one epoch (issue 17).
 
-    python benchmarks/data_selection.py [--seconds 45] [--base-seconds 90] [--seeds 0,1] [--work DIR]
+    python benchmarks/data_selection.py [--seconds 35] [--base-seconds 240] [--seeds 0,1] [--work DIR]
 
 1. A base model: `budgetune train demo` for --base-seconds (a tiny Llama pre-trained on the
    standard library's sources), as benchmarks/methods.py does.
-2. Data: the docstring → function chat set (`stdlib_chat`, 1,000 chats): 100 clean chats are
-   the held-out set (data.eval), 50 others the RDS target examples, the rest (850) training
-   data. (a) clean: those 850. (b) noisy: the same with 30% of the final set noise —
-   75 exact duplicates, 75 near duplicates (a reworded request and a trailing comment),
-   75 chats whose answers are swapped with another's, 75 with the answer cut to 30%.
-3. Each run fine-tunes the base (full, AdamW, lr 5e-4, seq_len 512, micro-batch 8) for the
+2. Data: the docstring → function chat set (`stdlib_chat`, functions up to 1,200 characters):
+   100 clean chats are the held-out set (data.eval), 50 others the RDS target examples, 400
+   more the training data. (a) clean: those 400. (b) noisy: the same with 30% of the final
+   set noise — 7.5% each of exact duplicates, near duplicates (a reworded request and a
+   trailing comment), chats whose answer is swapped with another's, answers cut to 30%.
+3. Scoring cost: one-step runs per data set score each model pass once (loss, then ifd's
+   answer-alone pass, cdas's pooled states, rds's weighted pooling + targets); their
+   `scoring_s` is what each method pays out of the budget on a fresh cache. The scores are
+   then cached, so the training runs compare the rankings at equal training time.
+4. Each run fine-tunes the base (full, AdamW, lr 5e-4, seq_len 256, micro-batch 8) for the
    same time budget. `all`: no selection (a random order over everything); then each
    data.select method keeping the share of tokens that `all` got through in the budget
-   (so a perfect ranking could put the budget on its best examples). Every run has its own
-   cache folder: the model-scoring methods pay their scoring time inside the budget.
-   On (b) also `all` + data.dedup near. Held-out loss on the clean held-out chats, per seed.
+   (a perfect ranking puts the whole budget on its best examples). On (b) also `all` +
+   data.dedup near. Held-out loss on the clean held-out chats, per seed.
 """
 
 from __future__ import annotations
@@ -75,8 +78,8 @@ def noisy(records: list[dict], seed: int = 0) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=float, default=45)
-    ap.add_argument("--base-seconds", type=float, default=90)
+    ap.add_argument("--seconds", type=float, default=35)
+    ap.add_argument("--base-seconds", type=float, default=240)
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--work", help="work folder (reuses its base model if present)")
@@ -87,26 +90,37 @@ def main() -> None:
     if not (tmp / "base" / "model").exists():
         subprocess.run([sys.executable, "-m", "budgetune", "train", "demo", "--budget.time", f"{args.base_seconds}s",
                         "--output.dir", str(tmp / "base"), "--quiet", "--overwrite"], check=True)
-    chats = [json.loads(line) for line in stdlib_chat(tmp / "chat.jsonl", limit=1000).read_text().splitlines()]
+    chats = [json.loads(line) for line in stdlib_chat(tmp / "chat.jsonl", limit=3000, max_chars=1200).read_text().splitlines()]
     random.Random(0).shuffle(chats)
-    heldout, target, train = chats[:100], chats[100:150], chats[150:]
+    heldout, target, train = chats[:100], chats[100:150], chats[150:550]
     files = {"eval": write(tmp / "heldout.jsonl", heldout), "target": write(tmp / "target.jsonl", target),
              "clean": write(tmp / "clean.jsonl", train), "noisy": write(tmp / "noisy.jsonl", noisy(train))}
 
-    def config(data: str, label: str, seed: int, select=None, dedup="off") -> dict:
+    def config(data: str, label: str, seed: int, select=None, dedup="off", budget=None) -> dict:
         out = tmp / "runs" / data / f"{label}-s{seed}"
         return {
             "model": {"name": str(tmp / "base" / "model")},
-            "data": {"train": [files[data]], "eval": [files["eval"]], "seq_len": 512, "cache_dir": str(out) + "-cache",
+            "data": {"train": [files[data]], "eval": [files["eval"]], "seq_len": 256, "cache_dir": str(tmp / "cache"),
                      "dedup": dedup, "select": select or {"method": "off"}},
             "method": "full", "optim": {"name": "adamw", "lr": 5e-4, "weight_decay": 0.0},
-            "schedule": {"name": "cosine", "warmup": 0.05}, "budget": {"time": f"{args.seconds}s"},
+            "schedule": {"name": "cosine", "warmup": 0.05}, "budget": budget or {"time": f"{args.seconds}s"},
             "train": {"micro_batch": 8, "seed": seed}, "eval": {"every": None, "max_tokens": 16384},
             "checkpoint": {"every": None}, "output": {"dir": str(out), "overwrite": True},
         }
 
     results: dict = {}
     seeds = [int(s) for s in args.seeds.split(",")]
+    cost: dict = {}
+    for data in ("clean", "noisy"):
+        # scoring cost, pass by pass (each run adds one pass to the shared cache)
+        paid = 0.0
+        for method in ("loss", "ifd", "cdas", "rds"):
+            select = {"method": method, "fraction": 1.0, **({"target": [files["target"]]} if method == "rds" else {})}
+            cfg = config(data, f"score-{method}", 0, select, budget={"steps": 1})
+            s = run(cfg, Path(cfg["output"]["dir"]))["data"]["selection"]["scoring_s"]
+            paid = s if method == "rds" else paid + s  # rds shares no pass with the others
+            cost[(data, method)] = paid
+            print(json.dumps({"data": data, "scoring": method, "seconds": round(paid, 1)}), flush=True)
     for data in ("clean", "noisy"):
         for seed in seeds:
             base = run(config(data, "all", seed), Path(config(data, "all", seed)["output"]["dir"]))
@@ -125,14 +139,14 @@ def main() -> None:
                 sel = s["data"].get("selection") or {}
                 entry = {"data": data, "seed": seed, "run": label, "fraction": fraction, "eval_loss": s["eval_loss_after"],
                          "loss_before": s["eval_loss_before"], "tokens": s["tokens"], "steps": s["steps"],
-                         "scoring_s": sel.get("scoring_s", 0.0), "examples": s["data"]["train_examples"],
+                         "scoring_s": cost.get((data, label), 0.0), "examples": s["data"]["train_examples"],
                          "dedup": s["data"].get("dedup")}
                 results.setdefault((data, label), []).append(entry)
                 print(json.dumps(entry), flush=True)
 
     print(f"\nequal budget {args.seconds:.0f} s per run; base {args.base_seconds:.0f} s demo pre-training; seeds {seeds}; "
           f"held-out: 100 clean chats\n")
-    print("| data | run | kept share of tokens | held-out loss per seed | mean | Δ vs all | scoring s | tokens trained |")
+    print("| data | run | kept share of tokens | held-out loss per seed | mean | Δ vs all | scoring cost s | tokens trained |")
     print("|---|---|---|---|---|---|---|---|")
     for data in ("clean", "noisy"):
         ref = statistics.mean(e["eval_loss"] for e in results[(data, "all")])

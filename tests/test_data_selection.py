@@ -291,3 +291,21 @@ def test_train_with_selection_mixture_and_dedup(tmp_path):
     assert set(data["sources"]) == {str(a), str(b)} and "dedup" in data
     # steps 12 × micro-batch 4 × 64 tokens is what the budget buys: ~3k tokens of the ~7k held
     assert data["selection"]["tokens_kept"] <= 12 * 4 * 64 * 1.1
+    from budgetune.report import report
+
+    page = report([summary["run_dir"]]).read_text()
+    assert "<h2>Data</h2>" in page and f"source {a}" in page and "select loss" in page and "dedup near" in page
+
+
+def test_planner_note_shows_each_source_share_and_epochs(tmp_path):
+    from budgetune.data.mixture import plan_note
+
+    (tmp_path / "a.txt").write_text("x" * 36000)  # ≈ 10k tokens at 3.6 characters per token
+    (tmp_path / "b.txt").write_text("y" * 3600)  # ≈ 1k tokens
+    cfg = load_config({"model": {"name": "x"}, "budget": {"tokens": 4000},
+                       "data": {"train": [{"path": [str(tmp_path / "a.txt")], "weight": 3, "name": "big"},
+                                          {"path": [str(tmp_path / "b.txt")], "weight": 1, "name": "small"}]}})
+    note = plan_note(cfg, 4000.0)
+    assert "big ≈ 10,000 tokens, 75% = 0.30 epochs" in note and "small ≈ 1,000 tokens, 25% = 1.00 epochs" in note
+    single = load_config({"model": {"name": "x"}, "budget": {"tokens": 4000}, "data": {"train": [str(tmp_path / "a.txt")]}})
+    assert plan_note(single, 4000.0) is None

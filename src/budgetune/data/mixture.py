@@ -139,3 +139,30 @@ def per_source(lengths: np.ndarray, source: np.ndarray, picked: np.ndarray, sour
         out[src.name] = {"examples": int(len(np.unique(mine))), "tokens": int(tokens), "share": round(tokens / total, 4),
                          "epochs": round(tokens / unique[s], 3) if unique[s] else 0.0}
     return out
+
+
+def plan_note(cfg, tokens_in_budget: float | None) -> str | None:
+    """The planner's per-source view: each source's unique tokens (estimated from file sizes) and the
+    epochs of it that its share of the budget's tokens buys. None for a single source."""
+    from ..plan.search import estimate_unique_tokens
+    from .sources import resolve
+
+    sources = sources_of(cfg.data)
+    if len(sources) < 2:
+        return None
+    unique = []
+    for src in sources:
+        try:
+            resolve(src.patterns, cfg.data.max_files, src.key)
+        except Exception:  # planning a config whose data is not on this machine is allowed
+            return None
+        unique.append(estimate_unique_tokens(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=src.patterns))) or 0.0)
+    share = shares(sources, unique, cfg.data.replay_weight) or [u / (sum(unique) or 1.0) for u in unique]
+    parts = []
+    for src, u, w in zip(sources, unique, share):
+        part = f"{src.name} ≈ {u:,.0f} tokens, {100 * w:.0f}%"
+        if tokens_in_budget:
+            part += f" = {w * tokens_in_budget / u:.2f} epochs" if u else ""
+        parts.append(part)
+    return "sources (unique tokens estimated from file sizes; share of the training tokens" + \
+        (", epochs at the top recipe's tokens in budget" if tokens_in_budget else "") + "): " + "; ".join(parts)
