@@ -309,3 +309,16 @@ def test_planner_note_shows_each_source_share_and_epochs(tmp_path):
     assert "big ≈ 10,000 tokens, 75% = 0.30 epochs" in note and "small ≈ 1,000 tokens, 25% = 1.00 epochs" in note
     single = load_config({"model": {"name": "x"}, "budget": {"tokens": 4000}, "data": {"train": [str(tmp_path / "a.txt")]}})
     assert plan_note(single, 4000.0) is None
+
+
+def test_a_resumed_run_selects_what_the_budget_bought_the_first_time(tmp_path, tokenizer):
+    write_jsonl(tmp_path / "pc.jsonl", pc_records(60))
+    cfg = cfg_for(tmp_path, [str(tmp_path / "pc.jsonl")], select={"method": "length", "fraction": "auto"})
+    run = tmp_path / "run"
+    run.mkdir()
+    first = prepare_data(cfg, tokenizer, log=lambda m: None, budget_tokens=lambda: 600.0, run_dir=run)
+    # on --resume the clock has moved on and the planner would answer differently: the run keeps its data
+    again = prepare_data(cfg, tokenizer, log=lambda m: None, budget_tokens=lambda: 9000.0, run_dir=run)
+    assert again.selection == first.selection and np.array_equal(again.train.input_ids, first.train.input_ids)
+    assert first.selection["tokens_kept"] <= 600 + 64 < prepare_data(cfg, tokenizer, log=lambda m: None,
+                                                                      budget_tokens=lambda: 9000.0).selection["tokens_kept"]

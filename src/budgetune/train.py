@@ -163,7 +163,7 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool, unde
     started_at = time.time()
     with accelerator.main_process_first():
         # data.select scores with the model being trained (its time is paid from the budget: the clock runs)
-        data = prepare_data(cfg, tokenizer, seed=cfg.train.seed, log=log, model=model,
+        data = prepare_data(cfg, tokenizer, seed=cfg.train.seed, log=log, model=model, run_dir=run.path,
                             budget_tokens=lambda: tokens_in_budget(cfg, prediction, fpt, clock.elapsed(), world))
     if accelerator.is_main_process:
         under_way()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -57,14 +60,19 @@ class DataBundle:
         return self.train.truncated + (self.eval.truncated if self.eval is not None else 0)
 
 
-def prepare_data(cfg, tokenizer, seed: int = 0, log=print, model=None, budget_tokens=None) -> DataBundle:
+DATA_BUDGET = "data_budget.json"  # in the run folder: the tokens the budget bought when the data was chosen
+
+
+def prepare_data(cfg, tokenizer, seed: int = 0, log=print, model=None, budget_tokens=None, run_dir=None) -> DataBundle:
     """Tokenise the sources, drop duplicates, hold out a split (unless data.eval is given), select
     (data.select, scoring with `model`), mix by weight, and build rows.
 
     `budget_tokens()`: the training tokens the rest of the budget buys (planner estimate) or None;
-    it sizes `data.select.fraction: auto` and the mixture.
+    it sizes `data.select.fraction: auto` and the mixture. With `run_dir`, its answer is kept
+    there, so a resumed run chooses exactly the data its first attempt did.
     """
     dcfg = cfg.data
+    budget_tokens = _asked_once(budget_tokens, run_dir)
     cache = dcfg.cache_dir
     sources = sources_of(dcfg)
     sets = [tokenize_files(resolve(src.patterns, dcfg.max_files, src.key), tokenizer, src.cfg, cache, log=log) for src in sources]
@@ -122,6 +130,29 @@ def prepare_data(cfg, tokenizer, seed: int = 0, log=print, model=None, budget_to
         log(f"{bundle.truncated} example(s) longer than data.seq_len ({dcfg.seq_len} tokens) were truncated to it "
             "(their ends are not learned); raise data.seq_len to keep them whole")
     return bundle
+
+
+def _asked_once(budget_tokens, run_dir):
+    """`budget_tokens`, asked at most once per run and remembered in RUN_DIR/data_budget.json (a resumed
+    run's clock has moved on: asking again would give another answer, and other data)."""
+    if budget_tokens is None:
+        return None
+    path = Path(run_dir) / DATA_BUDGET if run_dir is not None else None
+    answer: dict = {}
+
+    def ask():
+        if "tokens" not in answer:
+            if path is not None and path.exists():
+                answer["tokens"] = json.loads(path.read_text())["tokens"]
+            else:
+                answer["tokens"] = budget_tokens()
+                if path is not None and path.parent.is_dir():
+                    tmp = path.with_name(f".tmp-{os.getpid()}-{DATA_BUDGET}")
+                    tmp.write_text(json.dumps({"tokens": answer["tokens"]}))
+                    os.replace(tmp, path)
+        return answer["tokens"]
+
+    return ask
 
 
 def _target_set(dcfg, tokenizer, fmt: str, log) -> TokenizedSet:
