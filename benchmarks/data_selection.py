@@ -1,9 +1,15 @@
-"""Data selection at an equal time budget that covers less than one epoch (issue 17).
+"""Data selection at an equal training budget that covers less than one epoch (issue 17).
 
-    python benchmarks/data_selection.py [--seconds 35] [--base-seconds 240] [--seeds 0,1] [--work DIR]
+    python benchmarks/data_selection.py [--share 0.4 | --seconds S] [--base-steps 150] [--seeds 0,1] [--work DIR]
 
-1. A base model: `budgetune train demo` for --base-seconds (a tiny Llama pre-trained on the
-   standard library's sources), as benchmarks/methods.py does.
+The budget is a token budget by default (--share of an epoch of the clean training set):
+the same training compute for every run, so the
+comparison of rankings does not depend on what else the (shared) machine is doing; what
+scoring costs in time is measured separately (step 3) and set against the time `all` took.
+`--seconds` gives every run the same time budget instead, scoring paid inside it.
+
+1. A base model: `budgetune train demo` for --base-steps steps (a tiny Llama pre-trained on
+   the standard library's sources), as benchmarks/methods.py does.
 2. Data: the docstring → function chat set (`stdlib_chat`, functions up to 1,200 characters):
    100 clean chats are the held-out set (data.eval), 50 others the RDS target examples, 400
    more the training data. (a) clean: those 400. (b) noisy: the same with 30% of the final
@@ -14,7 +20,7 @@
    `scoring_s` is what each method pays out of the budget on a fresh cache. The scores are
    then cached, so the training runs compare the rankings at equal training time.
 4. Each run fine-tunes the base (full, AdamW, lr 5e-4, seq_len 256, micro-batch 8) for the
-   same time budget. `all`: no selection (a random order over everything); then each
+   same budget. `all`: no selection (a random order over everything); then each
    data.select method keeping the share of tokens that `all` got through in the budget
    (a perfect ranking puts the whole budget on its best examples). On (b) also `all` +
    data.dedup near. Held-out loss on the clean held-out chats, per seed.
@@ -78,8 +84,9 @@ def noisy(records: list[dict], seed: int = 0) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=float, default=35)
-    ap.add_argument("--base-seconds", type=float, default=240)
+    ap.add_argument("--share", type=float, default=0.4, help="token budget: this share of an epoch of (a)")
+    ap.add_argument("--seconds", type=float, default=None, help="a time budget per run instead of --tokens")
+    ap.add_argument("--base-steps", type=int, default=150)
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--work", help="work folder (reuses its base model if present)")
@@ -88,7 +95,7 @@ def main() -> None:
 
     tmp = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="budgetune-selection-"))
     if not (tmp / "base" / "model").exists():
-        subprocess.run([sys.executable, "-m", "budgetune", "train", "demo", "--budget.time", f"{args.base_seconds}s",
+        subprocess.run([sys.executable, "-m", "budgetune", "train", "demo", "--budget.time", "1h", "--budget.steps", str(args.base_steps),
                         "--output.dir", str(tmp / "base"), "--quiet", "--overwrite"], check=True)
     chats = [json.loads(line) for line in stdlib_chat(tmp / "chat.jsonl", limit=3000, max_chars=1200).read_text().splitlines()]
     random.Random(0).shuffle(chats)
@@ -103,7 +110,7 @@ def main() -> None:
             "data": {"train": [files[data]], "eval": [files["eval"]], "seq_len": 256, "cache_dir": str(tmp / "cache"),
                      "dedup": dedup, "select": select or {"method": "off"}},
             "method": "full", "optim": {"name": "adamw", "lr": 5e-4, "weight_decay": 0.0},
-            "schedule": {"name": "cosine", "warmup": 0.05}, "budget": budget or {"time": f"{args.seconds}s"},
+            "schedule": {"name": "cosine", "warmup": 0.05}, "budget": budget or ({"time": f"{args.seconds}s"} if args.seconds else {"tokens": int(args.tokens)}),
             "train": {"micro_batch": 8, "seed": seed}, "eval": {"every": None, "max_tokens": 16384},
             "checkpoint": {"every": None}, "output": {"dir": str(out), "overwrite": True},
         }
@@ -117,7 +124,10 @@ def main() -> None:
         for method in ("loss", "ifd", "cdas", "rds"):
             select = {"method": method, "fraction": 1.0, **({"target": [files["target"]]} if method == "rds" else {})}
             cfg = config(data, f"score-{method}", 0, select, budget={"steps": 1})
-            s = run(cfg, Path(cfg["output"]["dir"]))["data"]["selection"]["scoring_s"]
+            summary = run(cfg, Path(cfg["output"]["dir"]))
+            s = summary["data"]["selection"]["scoring_s"]
+            if data == "clean" and method == "loss":
+                args.tokens = round(args.share * summary["data"]["train_tokens"])
             paid = s if method == "rds" else paid + s  # rds shares no pass with the others
             cost[(data, method)] = paid
             print(json.dumps({"data": data, "scoring": method, "seconds": round(paid, 1)}), flush=True)
@@ -139,15 +149,17 @@ def main() -> None:
                 sel = s["data"].get("selection") or {}
                 entry = {"data": data, "seed": seed, "run": label, "fraction": fraction, "eval_loss": s["eval_loss_after"],
                          "loss_before": s["eval_loss_before"], "tokens": s["tokens"], "steps": s["steps"],
+                         "train_s": s["elapsed_s"], "epoch_tokens": base["data"]["train_tokens"],
                          "scoring_s": cost.get((data, label), 0.0), "examples": s["data"]["train_examples"],
                          "dedup": s["data"].get("dedup")}
                 results.setdefault((data, label), []).append(entry)
                 print(json.dumps(entry), flush=True)
 
-    print(f"\nequal budget {args.seconds:.0f} s per run; base {args.base_seconds:.0f} s demo pre-training; seeds {seeds}; "
+    budget = f"{args.seconds:.0f} s" if args.seconds else f"{args.tokens:,.0f} training tokens"
+    print(f"\nequal budget per run: {budget}; base: {args.base_steps} steps of demo pre-training; seeds {seeds}; "
           f"held-out: 100 clean chats\n")
-    print("| data | run | kept share of tokens | held-out loss per seed | mean | Δ vs all | scoring cost s | tokens trained |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| data | run | kept share of tokens | held-out loss per seed | mean | Δ vs all | scoring cost s | run time s | tokens trained |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for data in ("clean", "noisy"):
         ref = statistics.mean(e["eval_loss"] for e in results[(data, "all")])
         for (d, label), entries in results.items():
@@ -158,12 +170,14 @@ def main() -> None:
             losses = " / ".join(f"{e['eval_loss']:.3f}" for e in entries)
             print(f"| {data} | {label} | {share} | {losses} | {mean:.3f} | "
                   f"{mean - ref:+.3f} | {statistics.mean(e['scoring_s'] for e in entries):.1f} | "
+                  f"{statistics.mean(e['train_s'] for e in entries):.0f} | "
                   f"{statistics.mean(e['tokens'] for e in entries):,.0f} |")
     dd = results.get(("noisy", "all + dedup near"))
     if dd:
         print(f"\ndedup near on (b): dropped {dd[0]['dedup']['dropped_exact']} exact and {dd[0]['dedup']['dropped_near']} near "
               f"duplicates of {dd[0]['examples'] + dd[0]['dedup']['dropped_exact'] + dd[0]['dedup']['dropped_near']} chats")
-    print(f"loss of the base on the held-out chats before training: {results[('clean', 'all')][0]['loss_before']:.3f}")
+    print(f"loss of the base on the held-out chats before training: {results[('clean', 'all')][0]['loss_before']:.3f}; "
+          f"one epoch of (a) is {results[('clean', 'all')][0]['epoch_tokens']:,} tokens")
 
 
 if __name__ == "__main__":
