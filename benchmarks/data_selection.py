@@ -1,6 +1,6 @@
 """Data selection at an equal training budget that covers less than one epoch (issue 17).
 
-    python benchmarks/data_selection.py [--share 0.4 | --seconds S] [--base-steps 150] [--seeds 0,1] [--work DIR]
+    python benchmarks/data_selection.py [--share 0.4 | --seconds S] [--base-steps 60] [--preset llama-test] [--seeds 0,1] [--work DIR]
 
 The budget is a token budget by default (--share of an epoch of the clean training set):
 the same training compute for every run, so the
@@ -8,11 +8,12 @@ comparison of rankings does not depend on what else the (shared) machine is doin
 scoring costs in time is measured separately (step 3) and set against the time `all` took.
 `--seconds` gives every run the same time budget instead, scoring paid inside it.
 
-1. A base model: `budgetune train demo` for --base-steps steps (a tiny Llama pre-trained on
-   the standard library's sources), as benchmarks/methods.py does.
+1. A base model: `budgetune train demo` for --base-steps steps with --preset's architecture
+   (default llama-test, ~0.3M parameters: small enough for a shared 2-core CPU), pre-trained
+   on the standard library's sources, as benchmarks/methods.py does with llama-tiny.
 2. Data: the docstring → function chat set (`stdlib_chat`, functions up to 1,200 characters):
-   100 clean chats are the held-out set (data.eval), 50 others the RDS target examples, 400
-   more the training data. (a) clean: those 400. (b) noisy: the same with 30% of the final
+   100 clean chats are the held-out set (data.eval), 50 others the RDS target examples, 300
+   more the training data. (a) clean: those 300. (b) noisy: the same with 30% of the final
    set noise — 7.5% each of exact duplicates, near duplicates (a reworded request and a
    trailing comment), chats whose answer is swapped with another's, answers cut to 30%.
 3. Scoring cost: one-step runs per data set score each model pass once (loss, then ifd's
@@ -86,7 +87,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--share", type=float, default=0.4, help="token budget: this share of an epoch of (a)")
     ap.add_argument("--seconds", type=float, default=None, help="a time budget per run instead of --tokens")
-    ap.add_argument("--base-steps", type=int, default=150)
+    ap.add_argument("--base-steps", type=int, default=60)
+    ap.add_argument("--preset", default="llama-test", help="architecture of the base (demo uses llama-tiny)")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--work", help="work folder (reuses its base model if present)")
@@ -95,11 +97,11 @@ def main() -> None:
 
     tmp = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="budgetune-selection-"))
     if not (tmp / "base" / "model").exists():
-        subprocess.run([sys.executable, "-m", "budgetune", "train", "demo", "--budget.time", "1h", "--budget.steps", str(args.base_steps),
+        subprocess.run([sys.executable, "-m", "budgetune", "train", "demo", "--budget.time", "1h", "--budget.steps", str(args.base_steps), "--model.preset", args.preset,
                         "--output.dir", str(tmp / "base"), "--quiet", "--overwrite"], check=True)
     chats = [json.loads(line) for line in stdlib_chat(tmp / "chat.jsonl", limit=3000, max_chars=1200).read_text().splitlines()]
     random.Random(0).shuffle(chats)
-    heldout, target, train = chats[:100], chats[100:150], chats[150:550]
+    heldout, target, train = chats[:100], chats[100:150], chats[150:450]
     files = {"eval": write(tmp / "heldout.jsonl", heldout), "target": write(tmp / "target.jsonl", target),
              "clean": write(tmp / "clean.jsonl", train), "noisy": write(tmp / "noisy.jsonl", noisy(train))}
 
@@ -156,7 +158,7 @@ def main() -> None:
                 print(json.dumps(entry), flush=True)
 
     budget = f"{args.seconds:.0f} s" if args.seconds else f"{args.tokens:,.0f} training tokens"
-    print(f"\nequal budget per run: {budget}; base: {args.base_steps} steps of demo pre-training; seeds {seeds}; "
+    print(f"\nequal budget per run: {budget}; base: {args.preset}, {args.base_steps} steps of demo pre-training; seeds {seeds}; "
           f"held-out: 100 clean chats\n")
     print("| data | run | kept share of tokens | held-out loss per seed | mean | Δ vs all | scoring cost s | run time s | tokens trained |")
     print("|---|---|---|---|---|---|---|---|---|")
