@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--preset", default="llama-test", help="architecture of the base (demo uses llama-tiny)")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--data", default="clean,noisy", help="which sets: clean (a), noisy (b); separate processes can share --work")
     ap.add_argument("--work", help="work folder (reuses its base model if present)")
     args = ap.parse_args()
     from budgetune.data.corpora import stdlib_chat
@@ -121,9 +122,10 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     cost: dict = {}
     if not args.seconds:  # the token budget: a share of an epoch of (a), counted by a one-step run
-        probe = run(config("clean", "count", 0, budget={"steps": 1}), tmp / "runs" / "clean" / "count-s0")
+        label = f"count-{args.data}-{args.seeds}".replace(",", "+")  # one per process sharing --work
+        probe = run(config("clean", label, 0, budget={"steps": 1}), tmp / "runs" / "clean" / f"{label}-s0")
         args.tokens = round(args.share * probe["data"]["train_tokens"])
-    for data in ("clean", "noisy"):
+    for data in args.data.split(","):
         for seed in seeds:
             base = run(config(data, "all", seed), Path(config(data, "all", seed)["output"]["dir"]))
             fraction = round(min(1.0, max(0.02, base["tokens"] / base["data"]["train_tokens"])), 3)
@@ -158,7 +160,7 @@ def main() -> None:
           f"held-out: 100 clean chats\n")
     print("| data | run | kept share of tokens | held-out loss per seed | mean | Δ vs all | scoring cost s | run time s | tokens trained |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for data in ("clean", "noisy"):
+    for data in args.data.split(","):
         ref = statistics.mean(e["eval_loss"] for e in results[(data, "all")])
         for (d, label), entries in results.items():
             if d != data:
@@ -174,8 +176,9 @@ def main() -> None:
     if dd:
         print(f"\ndedup near on (b): dropped {dd[0]['dedup']['dropped_exact']} exact and {dd[0]['dedup']['dropped_near']} near "
               f"duplicates of {dd[0]['examples'] + dd[0]['dedup']['dropped_exact'] + dd[0]['dedup']['dropped_near']} chats")
-    print(f"loss of the base on the held-out chats before training: {results[('clean', 'all')][0]['loss_before']:.3f}; "
-          f"one epoch of (a) is {results[('clean', 'all')][0]['epoch_tokens']:,} tokens")
+    first = results[(args.data.split(",")[0], "all")][0]
+    print(f"loss of the base on the held-out chats before training: {first['loss_before']:.3f}; "
+          f"one epoch of {args.data.split(',')[0]} is {first['epoch_tokens']:,} tokens")
 
 
 if __name__ == "__main__":
