@@ -47,8 +47,33 @@ class TokenizerConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One weighted source of a mixture: an entry of data.train written as a mapping."""
+
+    path: list[str] = field(default_factory=list)  # files, folders or globs of this source
+    weight: float | None = None  # share of training tokens (weights are normalised); give every source one, or none
+    name: str | None = None  # label in the log and summary; default: its first path
+    format: Literal["auto", "text", "prompt_completion", "chat"] | None = None  # default: data.format
+    text_field: str | None = None  # default: data.text_field
+    prompt_field: str | None = None  # default: data.prompt_field
+    completion_field: str | None = None  # default: data.completion_field
+    messages_field: str | None = None  # default: data.messages_field
+
+
+@dataclass
+class SelectConfig:
+    """Data selection: train on the examples a method ranks best (docs/howto.md)."""
+
+    method: Literal["off", "random", "length", "loss", "ifd", "cdas", "rds"] = "off"  # how examples are ranked; off: keep all
+    fraction: float | str = 1.0  # share of the training tokens kept (0 < x ≤ 1), or "auto": as many tokens as the budget buys
+    target: list[str] = field(default_factory=list)  # rds: examples of the wanted behaviour (same format); default: the held-out split
+    clusters: int = 0  # cdas: k-means clusters; 0 = √(examples / 2)
+    batch: int = 8  # examples per forward pass when scoring with the model (loss, ifd, cdas, rds)
+
+
+@dataclass
 class DataConfig:
-    train: list[str] = field(default_factory=list)  # files, folders or globs; `{stdlib}` expands
+    train: list[str | SourceConfig] = field(default_factory=list)  # files, folders or globs (`{stdlib}` expands); or sources {path, weight, format, ...}
     eval: list[str] = field(default_factory=list)  # held-out data; default: a split of train
     format: Literal["auto", "text", "prompt_completion", "chat"] = "auto"  # auto: from the fields of the first record
     seq_len: int = 1024  # tokens per row (packed rows hold several examples)
@@ -61,6 +86,11 @@ class DataConfig:
     messages_field: str = "messages"  # field of chat messages [{role, content}] (loss on assistant turns)
     cache_dir: str | None = None  # tokenisation cache; default ~/.cache/budgetune
     on_error: Literal["error", "skip"] = "error"  # a bad record: stop naming it, or skip it (counted in the summary)
+    dedup: Literal["off", "exact", "near"] = "off"  # drop duplicate examples: exact (normalised text) or near (MinHash LSH)
+    near_threshold: float = 0.8  # dedup near: estimated Jaccard similarity of word 3-grams above which examples are duplicates
+    replay: list[str] = field(default_factory=list)  # old-domain data mixed in for continual pre-training (share: data.replay_weight)
+    replay_weight: float = 0.1  # share of training tokens from data.replay; the data.train sources share the rest
+    select: SelectConfig = field(default_factory=SelectConfig)  # data selection under a budget (data.select.*)
 
 
 @dataclass
@@ -187,6 +217,9 @@ def _coerce(value: Any, tp, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        classes = [a for a in args if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(classes) == 1:  # a mapping: report that class's own errors
+            return _coerce(value, classes[0], key)
         for arg in args:
             if arg is type(None):
                 continue
@@ -374,16 +407,60 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("model.init is 'scratch' but none of model.preset, model.name, model.arch says which architecture")
     if not cfg.data.train:
         raise ConfigError("config key 'data.train': required (files, folders or globs of training data)")
+    _validate_data(cfg)
     _validate_paths(cfg)
+
+
+def _validate_data(cfg: Config) -> None:
+    """Mixture weights, dedup and selection settings."""
+    d = cfg.data
+    weights = []
+    for i, source in enumerate(d.train):
+        if not isinstance(source, SourceConfig):
+            weights.append(None)
+            continue
+        if not source.path:
+            raise ConfigError(f"config key 'data.train[{i}].path': required — this source (weight {source.weight}) names no files; "
+                              "give it a path or remove it")
+        if source.weight is not None and (not math.isfinite(source.weight) or source.weight < 0):
+            raise ConfigError(f"config key 'data.train[{i}].weight': must be a number ≥ 0, got {source.weight!r}")
+        weights.append(source.weight)
+    given = [w for w in weights if w is not None]
+    if given and len(given) != len(weights):
+        missing = weights.index(None)
+        raise ConfigError(f"config key 'data.train[{missing}]': has no weight while other sources have one; "
+                          "give every source a weight (share of training tokens), or none")
+    if given and sum(given) <= 0:
+        raise ConfigError("config key 'data.train': the source weights sum to 0; give at least one source a weight > 0")
+    if d.replay and not 0 < d.replay_weight < 1:
+        raise ConfigError(f"config key 'data.replay_weight': must be in (0, 1), got {d.replay_weight}")
+    if not 0 < d.near_threshold < 1:
+        raise ConfigError(f"config key 'data.near_threshold': must be in (0, 1), got {d.near_threshold}")
+    sel = d.select
+    if isinstance(sel.fraction, str):
+        if sel.fraction != "auto":
+            raise ConfigError(f"config key 'data.select.fraction': a number in (0, 1] or 'auto', got {sel.fraction!r}")
+    elif not (math.isfinite(sel.fraction) and 0 < sel.fraction <= 1):
+        raise ConfigError(f"config key 'data.select.fraction': must be in (0, 1] (or 'auto'), got {sel.fraction}")
+    if sel.clusters < 0:
+        raise ConfigError(f"config key 'data.select.clusters': must be ≥ 0, got {sel.clusters}")
+    if sel.batch < 1:
+        raise ConfigError(f"config key 'data.select.batch': must be ≥ 1, got {sel.batch}")
+    if sel.target and sel.method != "rds":
+        raise ConfigError(f"config key 'data.select.target': only data.select.method 'rds' uses target examples "
+                          f"(method is {sel.method!r}); remove it or set the method to rds")
 
 
 def _validate_paths(cfg: Config) -> None:
     """Paths that are empty or name the wrong kind of thing. An empty path would mean the
     current folder: all of it read as data, or used as the run folder."""
-    for key in ("data.train", "data.eval"):
-        for i, path in enumerate(getattr(cfg.data, key.split(".")[1])):
-            if not path.strip():
-                raise ConfigError(f"config key '{key}[{i}]': an empty path; name a file, folder or glob")
+    for key in ("data.train", "data.eval", "data.replay", "data.select.target"):
+        entries = cfg.data.select.target if key == "data.select.target" else getattr(cfg.data, key.split(".")[1])
+        for i, entry in enumerate(entries):
+            paths = entry.path if isinstance(entry, SourceConfig) else [entry]
+            where = f"{key}[{i}].path" if isinstance(entry, SourceConfig) else f"{key}[{i}]"
+            if any(not path.strip() for path in paths):
+                raise ConfigError(f"config key '{where}': an empty path; name a file, folder or glob")
     if not cfg.output.dir.strip():
         raise ConfigError("config key 'output.dir': an empty path; name the folder for this run (e.g. runs/my-run)")
     if cfg.data.cache_dir is not None:

@@ -32,6 +32,7 @@ def _comments(cls) -> dict[str, str]:
 def _type_name(hint) -> str:
     text = str(hint).replace("typing.", "")
     text = re.sub(r"<class '(\w+)'>", r"\1", text).replace("NoneType", "null").replace("None", "null")
+    text = re.sub(r"^Optional\[(.*)\]$", r"\1 | null", text).replace("budgetune.config.", "")
     return text.replace("|", "\\|")  # a bare | would split the markdown table cell
 
 
@@ -52,7 +53,16 @@ def _rows(cls, prefix: str, skip: tuple[str, ...] = ()) -> list[str]:
         if field.name in skip:
             continue
         text = comments.get(field.name, "").replace("|", "\\|")
-        rows.append(f"| `{prefix}{field.name}` | `{_type_name(hints[field.name])}` | `{_default(field)}` | {text} |")
+        hint = hints[field.name]
+        if dataclasses.is_dataclass(hint):  # a nested section (data.select): its own keys
+            rows.append(f"| `{prefix}{field.name}` | mapping | | {text} |")
+            rows += _rows(hint, f"{prefix}{field.name}.")
+            continue
+        rows.append(f"| `{prefix}{field.name}` | `{_type_name(hint)}` | `{_default(field)}` | {text} |")
+        entries = [a for a in typing.get_args(typing.get_args(hint)[0] if typing.get_origin(hint) is list else hint)
+                   if dataclasses.is_dataclass(a)]
+        for entry in entries:  # list entries that may be mappings (data.train sources)
+            rows += _rows(entry, f"{prefix}{field.name}[].")
     return rows
 
 

@@ -158,6 +158,24 @@ def _result_rows(runs: list[dict]) -> list[list]:
     return rows
 
 
+def _data_rows(runs: list[dict]) -> list[list]:
+    """Per-source tokens (mixtures), and what dedup and selection did."""
+    rows = []
+    for r in runs:
+        d = r["summary"].get("data") or {}
+        for name, v in (d.get("sources") or {}).items():
+            rows.append([r["name"], f"source {name}", f"{_fmt(v.get('tokens'), 'count')} tokens, {100 * v.get('share', 0):.0f}%, "
+                                                      f"{v.get('epochs', 0):.2f} epochs, {v.get('examples')} examples"])
+        if d.get("dedup"):
+            x = d["dedup"]
+            rows.append([r["name"], f"dedup {x['mode']}", f"{x['dropped_exact']} exact and {x['dropped_near']} near duplicates dropped"])
+        if d.get("selection"):
+            x = d["selection"]
+            rows.append([r["name"], f"select {x['method']}", f"kept {x['examples_kept']} of {x['examples_before']} examples "
+                                                            f"({100 * x['fraction']:.0f}% of the tokens), scoring {x['scoring_s']:.1f} s"])
+    return rows
+
+
 CSS = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; padding: 0 1em; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.8em; border-bottom: 1px solid #ddd; }
@@ -181,6 +199,9 @@ def render(runs: list[dict]) -> str:
     parts.append("<h2>Planner: predicted / measured</h2>" + _table(
         ["run", "peak memory predicted", "measured", "error", "tokens/s predicted", "measured (median step)", "error"],
         _prediction_rows(runs)))
+    data_rows = _data_rows(runs)
+    if data_rows:
+        parts.append("<h2>Data</h2>" + _table(["run", "what", ""], data_rows))
     parts.append("<h2>Curves</h2><div class='plots'>")
     for pid, caption, x, ys, xlabel, ylabel in PLOTS:
         parts.append(f"<figure class='plot' id='{pid}'><figcaption>{html.escape(caption)}</figcaption>"

@@ -31,6 +31,7 @@ from .config import Config, dump_config, load_config
 from .console import TrainProgress, quiet_libraries, say
 from .data import prepare_data
 from .data.sampler import RowSampler
+from .data.select import tokens_in_budget
 from .errors import BudgetuneError, Interrupted, RunStopped, TrainingError
 from .evaluate import heldout_loss
 from .fast_forward import FastForward
@@ -307,7 +308,9 @@ def setup(cfg: Config, run_dir: RunDir, accelerator, resume: bool, extend: bool,
     clock = BudgetClock(Budget.from_config(cfg.budget), fpt, spent_s=0.0 if resume else planning_s)
     started_at = time.time()
     with accelerator.main_process_first():
-        data = prepare_data(cfg, tokenizer, seed=cfg.train.seed, log=log)
+        # data.select scores with the model being trained (its time is paid from the budget: the clock runs)
+        data = prepare_data(cfg, tokenizer, seed=cfg.train.seed, log=log, model=model, run_dir=run_dir.path,
+                            budget_tokens=lambda: tokens_in_budget(cfg, prediction, fpt, clock.elapsed(), world))
     if main and previous is not None:
         shutil.rmtree(previous, ignore_errors=True)  # config and data are good: the replaced run can go
     log(f"data: {data.train_examples} {data.format} examples → {len(data.train)} rows of {cfg.data.seq_len} "

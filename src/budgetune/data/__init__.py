@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from ..errors import DataError
+from .dedup import dedup
 from .formats import DEFAULT_CHAT_TEMPLATE
+from .mixture import check_formats, concat, mix, shares, sources_of, token_lengths
+from .mixture import per_source as per_source_tokens
 from .packing import IGNORE, Rows, build_rows, pack_examples
+from .select import select
 from .sources import Skipped, read_records, resolve
 from .tokenize import TokenizedSet, tokenize_files
 
@@ -24,9 +32,12 @@ class DataBundle:
     eval_examples: int
     skipped: int = 0  # bad records left out under data.on_error: skip
     skip_reasons: tuple[str, ...] = ()  # file:line and why, for the first few
+    sources: dict | None = None  # per source: examples, training tokens, share, epochs (mixtures)
+    dedup: dict | None = None  # what data.dedup dropped
+    selection: dict | None = None  # what data.select kept, and its scoring time
 
     def summary(self) -> dict:
-        return {
+        out = {
             "format": self.format,
             "train_examples": self.train_examples,
             "eval_examples": self.eval_examples,
@@ -38,6 +49,10 @@ class DataBundle:
             "skipped_records": self.skipped,
             "skipped_reasons": list(self.skip_reasons),
         }
+        for key in ("sources", "dedup", "selection"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
 
     @property
     def truncated(self) -> int:
@@ -45,17 +60,59 @@ class DataBundle:
         return self.train.truncated + (self.eval.truncated if self.eval is not None else 0)
 
 
-def prepare_data(cfg, tokenizer, seed: int = 0, log=print) -> DataBundle:
-    """Tokenise train (and eval) data and build rows; hold out a split when no eval data is given."""
+DATA_BUDGET = "data_budget.json"  # in the run folder: the tokens the budget bought when the data was chosen
+
+
+def prepare_data(cfg, tokenizer, seed: int = 0, log=print, model=None, budget_tokens=None, run_dir=None) -> DataBundle:
+    """Tokenise the sources, drop duplicates, hold out a split (unless data.eval is given), select
+    (data.select, scoring with `model`), mix by weight, and build rows.
+
+    `budget_tokens()`: the training tokens the rest of the budget buys (planner estimate) or None;
+    it sizes `data.select.fraction: auto` and the mixture. With `run_dir`, its answer is kept
+    there, so a resumed run chooses exactly the data its first attempt did.
+    """
     dcfg = cfg.data
+    budget_tokens = _asked_once(budget_tokens, run_dir)
     cache = dcfg.cache_dir
-    train_set = tokenize_files(resolve(dcfg.train, dcfg.max_files, "data.train"), tokenizer, dcfg, cache, log=log)
-    sets = [train_set]
+    sources = sources_of(dcfg)
+    sets = [tokenize_files(resolve(src.patterns, dcfg.max_files, src.key), tokenizer, src.cfg, cache, log=log) for src in sources]
+    fmt = check_formats(sets, sources)
+    pool, source = concat(sets, fmt) if len(sets) > 1 else (sets[0], np.zeros(len(sets[0]), dtype=np.int64))
+    dedup_info = None
+    if dcfg.dedup != "off":
+        found = dedup(pool, tokenizer, dcfg.dedup, dcfg.near_threshold, cache, log=log)
+        pool, source = pool.subset(found.kept), source[found.kept]
+        dedup_info = found.summary()
+        log(f"data.dedup {dcfg.dedup}: dropped {found.exact} exact and {found.near} near duplicate(s) of "
+            f"{len(found.kept) + found.dropped} examples" + (f"; e.g. {found.examples[0]}" if found.examples else ""))
     if dcfg.eval:
         eval_set = tokenize_files(resolve(dcfg.eval, key="data.eval"), tokenizer, dcfg, cache, log=log)
         sets.append(eval_set)
+        train_idx = np.arange(len(pool))
     else:
-        train_set, eval_set = split_heldout(train_set, dcfg.eval_fraction, seed)
+        train_idx, eval_idx = split_indices(len(pool), dcfg.eval_fraction, seed)
+        eval_set = pool.subset(eval_idx)
+    train_set, source = pool.subset(train_idx), source[train_idx]
+    lengths = token_lengths(train_set, dcfg.seq_len)
+    unique = [float(lengths[source == s].sum()) for s in range(len(sources))]
+    share = shares(sources, unique, dcfg.replay_weight)
+    selection = None
+    if dcfg.select.method != "off":
+        target = _target_set(dcfg, tokenizer, train_set.format, log) if dcfg.select.target else eval_set
+        keep, report = select(train_set, source, share, dcfg.select, dcfg.seq_len, model=model, target=target,
+                              budget_tokens=budget_tokens, seed=seed, cache_dir=cache, log=log)
+        train_set, source, lengths = train_set.subset(keep), source[keep], lengths[keep]
+        selection = report.summary()
+    picked = np.arange(len(train_set))
+    if share is not None:
+        bought = budget_tokens() if budget_tokens is not None else None
+        total = float(lengths.sum()) if bought is None else min(float(lengths.sum()), bought)
+        picked = mix(lengths, source, share, total, seed)
+        train_set = train_set.subset(picked)
+    per_source = per_source_tokens(lengths, source, picked, sources, unique) if len(sources) > 1 else None
+    if per_source:
+        log("data sources: " + "; ".join(f"{name}: {v['tokens']:,} tokens ({100 * v['share']:.0f}%, {v['epochs']:.2f} epochs)"
+                                         for name, v in per_source.items()))
     if train_set.format == "chat" and getattr(tokenizer, "chat_template", None) == DEFAULT_CHAT_TEMPLATE:
         log("chat data rendered with budgetune's default ChatML template (the tokenizer has none); "
             "set tokenizer.chat_template to use another")
@@ -65,7 +122,8 @@ def prepare_data(cfg, tokenizer, seed: int = 0, log=print) -> DataBundle:
     eval_rows = build_rows(eval_set, dcfg.seq_len, True, pad_id) if len(eval_set) else None
     skipped = sum(s.skipped for s in sets)
     reasons = tuple(r for s in sets for r in s.skip_reasons)[: Skipped.SHOWN]
-    bundle = DataBundle(train_rows, eval_rows, train_set.format, len(train_set), len(eval_set), skipped, reasons)
+    bundle = DataBundle(train_rows, eval_rows, train_set.format, len(train_set), len(eval_set), skipped, reasons,
+                        per_source, dedup_info, selection)
     if skipped:
         log(f"data.on_error skip: left out {skipped} bad record(s); the first: " + "; ".join(reasons))
     if bundle.truncated:
@@ -74,14 +132,54 @@ def prepare_data(cfg, tokenizer, seed: int = 0, log=print) -> DataBundle:
     return bundle
 
 
-def split_heldout(data: TokenizedSet, fraction: float, seed: int) -> tuple[TokenizedSet, TokenizedSet]:
-    """A seeded held-out split by whole examples (documents never straddle the split)."""
-    n = len(data)
+def _asked_once(budget_tokens, run_dir):
+    """`budget_tokens`, asked at most once per run and remembered in RUN_DIR/data_budget.json (a resumed
+    run's clock has moved on: asking again would give another answer, and other data)."""
+    if budget_tokens is None:
+        return None
+    path = Path(run_dir) / DATA_BUDGET if run_dir is not None else None
+    answer: dict = {}
+
+    def ask():
+        if "tokens" not in answer:
+            if path is not None and path.exists():
+                answer["tokens"] = json.loads(path.read_text())["tokens"]
+            else:
+                answer["tokens"] = budget_tokens()
+                if path is not None and path.parent.is_dir():
+                    tmp = path.with_name(f".tmp-{os.getpid()}-{DATA_BUDGET}")
+                    tmp.write_text(json.dumps({"tokens": answer["tokens"]}))
+                    os.replace(tmp, path)
+        return answer["tokens"]
+
+    return ask
+
+
+def _target_set(dcfg, tokenizer, fmt: str, log) -> TokenizedSet:
+    """data.select.target's examples, which must be of the training data's format."""
+    try:
+        target = tokenize_files(resolve(dcfg.select.target, key="data.select.target"), tokenizer, dcfg, dcfg.cache_dir, log=log)
+    except DataError as e:
+        raise DataError(f"config key 'data.select.target': {e}") from None
+    if (target.format == "text") != (fmt == "text"):
+        raise DataError(f"config key 'data.select.target': the target examples are {target.format} data but the training "
+                        f"data is {fmt}; give target examples in the training data's format")
+    return target
+
+
+def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) example indices of a seeded split, each ascending."""
     n_eval = int(round(n * fraction)) if fraction > 0 else 0
     if fraction > 0 and n >= 2:
         n_eval = max(1, n_eval)
     order = np.random.default_rng(seed).permutation(n)
-    return data.subset(np.sort(order[n_eval:])), data.subset(np.sort(order[:n_eval]))
+    return np.sort(order[n_eval:]), np.sort(order[:n_eval])
+
+
+def split_heldout(data: TokenizedSet, fraction: float, seed: int) -> tuple[TokenizedSet, TokenizedSet]:
+    """A seeded held-out split by whole examples (documents never straddle the split)."""
+    train, held = split_indices(len(data), fraction, seed)
+    return data.subset(train), data.subset(held)
 
 
 def iter_texts(cfg, limit_bytes: int = 0) -> Iterator[str]:

@@ -66,6 +66,7 @@ def resolve(patterns: list[str], max_files: int = 0, key: str = "data.train") ->
     `key` is the config key the patterns came from, so a wrong path is reported against it.
     """
     found: list[Path] = []
+    patterns = [p for raw in patterns for p in (raw.path if hasattr(raw, "path") else [raw])]  # mixture sources: their paths
     for raw in patterns:
         pattern = expand_path(raw)
         if any(ch in pattern for ch in "*?["):

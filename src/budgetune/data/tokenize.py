@@ -49,6 +49,14 @@ class TokenizedSet:
         return TokenizedSet(self.tokens[gather], self.loss_mask[gather], offsets, self.format)
 
 
+def content_key(data: TokenizedSet) -> str:
+    """A hash of the examples themselves (tokens, loss masks, boundaries): a cache key for what is derived from them."""
+    h = hashlib.sha256(b"budgetune-content-v1")
+    for a in (data.tokens, data.loss_mask, data.offsets):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:24]
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("BUDGETUNE_CACHE", Path.home() / ".cache" / "budgetune"))
 

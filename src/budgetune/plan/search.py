@@ -295,6 +295,11 @@ def make_plan(cfg, probe_steps: int | None = None, log=print, measure_batch_spee
         if time_s is not None:
             c.tokens_in_budget = c.tokens_per_s * time_s
             c.epochs = c.tokens_in_budget / unique if unique else None
+    from ..data.mixture import plan_note
+
+    mixture = plan_note(cfg, candidates[0].tokens_in_budget if candidates else None)
+    if mixture:
+        notes.append(mixture)
     scratch = None
     if cfg.model.init == "scratch":
         budget_flops = parse_count(cfg.budget.flops) if cfg.budget.flops is not None else None
