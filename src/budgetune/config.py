@@ -49,7 +49,7 @@ class TokenizerConfig:
 class DataConfig:
     train: list[str] = field(default_factory=list)  # files, folders or globs; `{stdlib}` expands
     eval: list[str] = field(default_factory=list)  # held-out data; default: a split of train
-    format: Literal["auto", "text", "prompt_completion", "chat"] = "auto"  # auto: from the fields of the first record
+    format: Literal["auto", "text", "prompt_completion", "chat", "sharegpt", "alpaca"] = "auto"  # auto: from the fields of the first record
     seq_len: int = 1024  # tokens per row (packed rows hold several examples)
     pack: bool = True  # padding-free packing (METHODS.md §5)
     eval_fraction: float = 0.05  # share of examples held out when data.eval is empty (seeded)
@@ -58,6 +58,11 @@ class DataConfig:
     prompt_field: str = "prompt"  # field of the prompt (no loss on it)
     completion_field: str = "completion"  # field of the completion (the loss)
     messages_field: str = "messages"  # field of chat messages [{role, content}] (loss on assistant turns)
+    conversations_field: str = "conversations"  # sharegpt: field of the turns [{from, value}]
+    instruction_field: str = "instruction"  # alpaca: the instruction (the user turn)
+    input_field: str = "input"  # alpaca: optional input, appended to the instruction
+    output_field: str = "output"  # alpaca: the response (the loss)
+    roles: dict = field(default_factory=dict)  # chat/sharegpt role names → system, user, assistant, tool, e.g. {bot: assistant}; human/gpt are known
     cache_dir: str | None = None  # tokenisation cache; default ~/.cache/budgetune
     on_error: Literal["error", "skip"] = "error"  # a bad record: stop naming it, or skip it (counted in the summary)
 
@@ -322,6 +327,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("config key 'data.seq_len': must be at least 2")
     if not 0 <= cfg.data.eval_fraction < 1:
         raise ConfigError(f"config key 'data.eval_fraction': must be in [0, 1), got {cfg.data.eval_fraction}")
+    for name, role in cfg.data.roles.items():
+        if role not in ("system", "user", "assistant", "tool"):
+            raise ConfigError(f"config key 'data.roles.{name}': {role!r} is not one of 'system', 'user', 'assistant', 'tool'")
     positive("train.micro_batch", cfg.train.micro_batch)
     positive("train.grad_accum", cfg.train.grad_accum)
     positive("train.fast_forward", cfg.train.fast_forward, allow_zero=True)
@@ -399,6 +407,8 @@ def parse_interval(value: Interval) -> tuple[str, float] | None:
             raise ValueError(f"a number must be a fraction of the budget in (0, 1], got {value} (or give a duration like '5m')")
         return ("progress", float(value))
     seconds = parse_duration(value)
+    if seconds < 0:
+        raise ValueError(f"must be > 0, got {value!r} (or 0 / null for never)")
     return ("seconds", seconds) if seconds > 0 else None
 
 

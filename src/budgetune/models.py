@@ -84,7 +84,7 @@ def train_tokenizer(cfg, log=print):
     from .data.sources import resolve
     from .data.tokenize import default_cache_dir
 
-    files = resolve(cfg.data.train, cfg.data.max_files)
+    files = resolve(cfg.data.train, cfg.data.max_files, all_files=cfg.data.format == "text")
     h = hashlib.sha256(f"bpe-v1|{cfg.tokenizer.train_vocab_size}".encode())
     for f in files:
         st = f.stat()
@@ -104,6 +104,8 @@ def train_tokenizer(cfg, log=print):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
+    # iter_texts checks every record's format as it reads, and raises on data with no text, before
+    # anything is cached; its DataError passes through the trainer (tested)
     tok.train_from_iterator(iter_texts(cfg, TOKENIZER_TRAIN_BYTES), trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     fast.add_special_tokens({"additional_special_tokens": specials[1:]})

@@ -113,7 +113,7 @@ def train(config: str | Path | dict | Config | None = None, overrides=None, *, r
         # bad config or data found after the folder was made, or a failure before the run got under
         # way: leave nothing behind, and put back the run --overwrite was replacing
         if main and not resume and (isinstance(e, BudgetuneError) or (previous is not None and previous.exists())):
-            shutil.rmtree(run.path, ignore_errors=True)
+            run.discard()  # and the empty parent folders it made
             if previous is not None and previous.exists():
                 os.replace(previous, run.path)
         raise

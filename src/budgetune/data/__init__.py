@@ -7,6 +7,8 @@ from typing import Iterator
 
 import numpy as np
 
+from ..errors import DataError
+
 from .formats import DEFAULT_CHAT_TEMPLATE
 from .packing import IGNORE, Rows, build_rows, pack_examples
 from .sources import Skipped, read_records, resolve
@@ -49,10 +51,11 @@ def prepare_data(cfg, tokenizer, seed: int = 0, log=print) -> DataBundle:
     """Tokenise train (and eval) data and build rows; hold out a split when no eval data is given."""
     dcfg = cfg.data
     cache = dcfg.cache_dir
-    train_set = tokenize_files(resolve(dcfg.train, dcfg.max_files, "data.train"), tokenizer, dcfg, cache, log=log)
+    every = dcfg.format == "text"  # text: a folder's files of any suffix (binary ones left out, counted)
+    train_set = tokenize_files(resolve(dcfg.train, dcfg.max_files, "data.train", every, log), tokenizer, dcfg, cache, log=log)
     sets = [train_set]
     if dcfg.eval:
-        eval_set = tokenize_files(resolve(dcfg.eval, key="data.eval"), tokenizer, dcfg, cache, log=log)
+        eval_set = tokenize_files(resolve(dcfg.eval, key="data.eval", all_files=every, log=log), tokenizer, dcfg, cache, log=log)
         sets.append(eval_set)
     else:
         train_set, eval_set = split_heldout(train_set, dcfg.eval_fraction, seed)
@@ -85,20 +88,43 @@ def split_heldout(data: TokenizedSet, fraction: float, seed: int) -> tuple[Token
 
 
 def iter_texts(cfg, limit_bytes: int = 0) -> Iterator[str]:
-    """Raw text of the training data (for training a tokenizer), stopping after limit_bytes."""
-    seen = 0
+    """Raw text of the training data (for training a tokenizer), stopping after limit_bytes.
+
+    Each record's format is told first (data.format, or detected), so data no format can
+    read stop here, naming file:line, before any tokenizer is trained on them; so do data
+    without a single text."""
+    from .formats import FORMATS, detect_format
+    from .sources import bad
+
+    seen, files = 0, resolve(cfg.data.train, cfg.data.max_files, "data.train", all_files=cfg.data.format == "text")
     # bad records are reported (or counted) by tokenisation, which reads the same files again
     skipped = Skipped() if cfg.data.on_error == "skip" else None
-    for path in resolve(cfg.data.train, cfg.data.max_files, "data.train"):
-        for record, _ in read_records(path, cfg.data.text_field, skipped):
-            messages = record.get(cfg.data.messages_field)
-            contents = [m.get("content") for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
-            for text in [record.get(k) for k in (cfg.data.text_field, cfg.data.prompt_field, cfg.data.completion_field)] + contents:
-                if isinstance(text, str) and _is_text(text):
+    found = False
+    for path in files:
+        for record, where in read_records(path, cfg.data.text_field, skipped):
+            try:
+                if cfg.data.format == "auto":
+                    fmt = FORMATS[detect_format(record, where, cfg.data)]
+                else:
+                    fmt = FORMATS[cfg.data.format]
+                    if not fmt.detect(record, cfg.data):
+                        raise DataError(f"{where}: this record is {detect_format(record, where, cfg.data)} data, "
+                                        f"not {cfg.data.format} (data.format); set data.format to match the data")
+            except DataError as e:
+                bad(e, skipped)
+                continue
+            for text in fmt.texts(record, cfg.data):
+                if isinstance(text, str) and text.strip() and _is_text(text):
+                    found = True
                     yield text
                     seen += len(text)
             if limit_bytes and seen >= limit_bytes:
                 return
+    if not found:
+        names = ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
+        raise DataError(f"no examples found in {names}: no text to train a tokenizer on (the files are empty"
+                        + (f", or all {skipped.count} records were bad; the first: {skipped.reasons[0]}" if skipped and skipped.count else "")
+                        + ")")
 
 
 def _is_text(value: str) -> bool:

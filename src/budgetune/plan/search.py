@@ -131,7 +131,7 @@ def estimate_unique_tokens(cfg) -> float | None:
     from ..data.sources import resolve
 
     try:
-        files = resolve(cfg.data.train, cfg.data.max_files)
+        files = resolve(cfg.data.train, cfg.data.max_files, all_files=cfg.data.format == "text")
     except Exception:  # planning a config whose data is not on this machine is allowed
         return None
     size = sum(f.stat().st_size if f.is_file() else sum(p.stat().st_size for p in Path(f).rglob("*") if p.is_file()) for f in files)
