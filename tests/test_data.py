@@ -14,7 +14,7 @@ from budgetune.data import IGNORE, iter_texts, prepare_data, split_heldout
 from budgetune.data.formats import CHAT_ROLES, FORMATS, ChatFormat, PromptCompletionFormat, TextFormat, detect_format
 from budgetune.data.packing import build_rows, pack_examples, split_long
 from budgetune.data.sampler import RowSampler
-from budgetune.data.sources import is_datasets_folder, read_records, resolve
+from budgetune.data.sources import is_datasets_folder, parse_json_line, read_records, resolve
 from budgetune.data.tokenize import TokenizedSet, default_cache_dir, tokenize_files
 from budgetune.errors import ConfigError, DataError
 
@@ -161,6 +161,12 @@ def test_jsonl_bad_json_names_file_and_line(tmp_path):
         list(read_records(p))
     assert f"{p}:3" in str(err.value)
     assert "not valid JSON" in str(err.value)
+
+
+def test_json_error_message_reads_well():
+    with pytest.raises(DataError, match=r"^f:3: not valid JSON \(Unterminated string starting at column 10\); each line") as err:
+        parse_json_line(b'{"text": "x', "f:3")
+    assert "at at" not in str(err.value)
 
 
 def test_jsonl_non_object_line(tmp_path):
