@@ -70,6 +70,9 @@ def load_tokenizer(cfg, log=print):
         tokenizer.chat_template = tcfg.chat_template
     elif not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        # said when chat data are rendered with it; a tokenizer whose own template is this one (a
+        # budgetune run's model folder saves it) has a template, and is not told otherwise
+        tokenizer.budgetune_default_template = True
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -470,6 +470,14 @@ def test_tokenizer_without_chat_template_gets_chatml_and_says_so(tmp_path, token
     logs.clear()
     prepare_data(cfg, own, log=logs.append)
     assert not any("ChatML" in m for m in logs)
+    # a folder whose tokenizer carries this very template (a budgetune run's model/ does) has one: not "none"
+    loaded.save_pretrained(str(tmp_path / "from-a-run"))
+    cfg = load_config(cfg, {"tokenizer": {"name": str(tmp_path / "from-a-run")}})
+    again = load_tokenizer(cfg, log=lambda m: None)
+    assert again.chat_template == DEFAULT_CHAT_TEMPLATE
+    logs.clear()
+    prepare_data(cfg, again, log=logs.append)
+    assert not any("ChatML" in m for m in logs)
 
 
 # =========================================================================== hostile files

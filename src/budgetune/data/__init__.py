@@ -10,6 +10,8 @@ import numpy as np
 from ..errors import DataError
 
 from .formats import DEFAULT_CHAT_TEMPLATE
+
+CHAT_FORMATS = ("chat", "sharegpt", "alpaca")  # rendered with the tokenizer's chat template
 from .packing import IGNORE, Rows, build_rows, pack_examples
 from .sources import Skipped, read_records, resolve
 from .tokenize import TokenizedSet, tokenize_files
@@ -59,7 +61,8 @@ def prepare_data(cfg, tokenizer, seed: int = 0, log=print) -> DataBundle:
         sets.append(eval_set)
     else:
         train_set, eval_set = split_heldout(train_set, dcfg.eval_fraction, seed)
-    if train_set.format == "chat" and getattr(tokenizer, "chat_template", None) == DEFAULT_CHAT_TEMPLATE:
+    if (train_set.format in CHAT_FORMATS and getattr(tokenizer, "budgetune_default_template", False)
+            and getattr(tokenizer, "chat_template", None) == DEFAULT_CHAT_TEMPLATE):
         log("chat data rendered with budgetune's default ChatML template (the tokenizer has none); "
             "set tokenizer.chat_template to use another")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
