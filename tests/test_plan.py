@@ -118,3 +118,36 @@ def test_planner_reads_world_size_and_zero_stage_from_the_launcher(monkeypatch):
     four = estimate_memory(config, recipe_from_config(load_config(cfg, {"plan": {"world_size": 4, "zero_stage": 3}}), torch.device("cpu")))
     assert four.terms["optimizer_states"] == one.terms["optimizer_states"] // 4
     assert four.terms["weights"] == one.terms["weights"] // 4
+
+
+def test_plan_table_fits_80_columns_uncut():
+    """Wide values (long method names, 64×64, GiB, 100k+ tok/s, billions) in a piped 80-column console."""
+    import io
+
+    from rich.console import Console
+
+    from budgetune.console import print_plan
+    from budgetune.plan.memory import MemoryEstimate
+    from budgetune.plan.recipe import Recipe
+    from budgetune.plan.search import Candidate, Plan
+
+    def candidate(method, mb, ga, mem, tps, fits=True):
+        c = Candidate(Recipe(method=method, micro_batch=mb, grad_accum=ga, gradient_checkpointing=mb > 8),
+                      MemoryEstimate({"weights": mem // 2, "activations": mem - mem // 2}), 123_456_789, 6e9, tps, fits=fits,
+                      why_not="" if fits else "needs 99 GiB > 20 GiB (largest term: weights 50 GiB)", probed=tps > 1e5)
+        c.tokens_in_budget, c.epochs = tps * 36_000, 123.45
+        return c
+
+    cands = [candidate("loraplus", 64, 64, 123 * 2**30, 123_456.7), candidate("adalora", 1, 512, 999 * 2**20, 9_999.0),
+             candidate("full", 2, 1, 99 * 2**30, 1.0, fits=False)]
+    plan = Plan("cuda", 20 * 2**30, cands, 1e9)
+    buffer = io.StringIO()
+    print_plan(plan, out=Console(file=buffer, width=80, force_terminal=False, highlight=False))
+    text = buffer.getvalue()
+    table = [line for line in text.splitlines() if line.lstrip().startswith(("#", "1 ", "2 "))]
+    assert len(table) == 3, text
+    assert all(len(line) <= 80 for line in table) and "…" not in text, text
+    for value in ("loraplus", "64×64", "123 GiB", "123,457", "4.44B", "123M", "adalora", "1×512", "999 MiB", "9,999 ≈"):
+        assert value in text, (value, text)
+    # prose is not hard-wrapped: each note stays one line in a log
+    assert any(line.startswith("batch = micro-batch × accumulation;") and "in budget =" in line for line in text.splitlines())
