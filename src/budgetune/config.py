@@ -129,6 +129,8 @@ class EvalConfig:
     max_tokens: int = 65536  # cap on held-out tokens per evaluation
     prompts: list[str] = field(default_factory=list)  # generation samples at the end
     sample_tokens: int = 48  # new tokens per generation sample
+    temperature: float = 0.0  # generation samples: 0 = greedy; > 0 samples (seeded by train.seed)
+    repetition_penalty: float = 1.0  # generation samples: > 1 discourages repeating tokens (1 = off)
 
 
 @dataclass
@@ -341,6 +343,8 @@ def _validate(cfg: Config) -> None:
     positive("optim.lr", cfg.optim.lr)
     positive("optim.grad_clip", cfg.optim.grad_clip, allow_zero=True)
     positive("eval.max_tokens", cfg.eval.max_tokens)
+    positive("eval.temperature", cfg.eval.temperature, allow_zero=True)
+    positive("eval.repetition_penalty", cfg.eval.repetition_penalty)
     positive("checkpoint.keep", cfg.checkpoint.keep)
     if not 0 <= cfg.schedule.warmup < 1:
         raise ConfigError(f"config key 'schedule.warmup': must be in [0, 1), got {cfg.schedule.warmup}")
