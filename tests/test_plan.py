@@ -46,7 +46,7 @@ def test_plan_drops_what_does_not_fit_and_says_why(tmp_path):
 
 def test_trainable_parameter_cap_selects_lora(tmp_path):
     corpus = write_text_corpus(tmp_path / "c", n_files=2)
-    cfg = load_config(tiny_config(tmp_path, corpus, budget={"steps": 3, "trainable": 40000}))
+    cfg = load_config(tiny_config(tmp_path, corpus, budget={"steps": 5, "trainable": 40000}))
     plan = make_plan(cfg, probe_steps=0, log=lambda m: None)
     assert plan.best.recipe.method == "lora"
     assert any(c.recipe.method == "full" and "trainable" in c.why_not for c in plan.candidates)
@@ -55,6 +55,10 @@ def test_trainable_parameter_cap_selects_lora(tmp_path):
     summary = train(cfg, quiet=True)
     assert summary["method"] == "lora" and summary["trainable_parameters"] <= 40000
     assert summary["predicted"]["peak_memory_mb"] > 0 and summary["predicted"]["tokens_per_s"] > 0
+    # each tokens/s number says what it is: the planner's guess, and the run's own calibration (steps 2-4)
+    assert summary["predicted"]["tokens_per_s_basis"] == "device guess, uncalibrated"
+    assert summary["predicted"]["tokens_per_s_calibrated"] > 0
+    assert summary["predicted"]["tokens_per_s_calibrated_from"] == "median of steps 2–4"
 
 
 def test_probe_calibrates_speed(tmp_path):
@@ -151,3 +155,37 @@ def test_plan_table_fits_80_columns_uncut():
         assert value in text, (value, text)
     # prose is not hard-wrapped: each note stays one line in a log
     assert any(line.startswith("batch = micro-batch × accumulation;") and "in budget =" in line for line in text.splitlines())
+
+
+def test_speed_calibration_from_the_first_steps():
+    from budgetune.plan.throughput import SpeedCalibration
+
+    speed = SpeedCalibration({"tokens_per_s": 1000.0, "tokens_per_s_basis": "device guess, uncalibrated"})
+    assert [speed.record(r) for r in (100.0, 2900.0, 3100.0)] == [None, None, None]  # step 1 is warm-up
+    note = speed.record(3000.0)
+    assert note == "speed: 3,000 tokens/s calibrated from steps 2–4 (the planner's device guess, uncalibrated: 1,000, 3.00× that)"
+    assert speed.record(5000.0) is None and speed.calibrated == 3000.0  # calibrated once
+    out = speed.annotate({"tokens_per_s": 1000.0, "peak_memory_mb": 1.0})
+    assert out["tokens_per_s"] == 1000.0 and out["tokens_per_s_calibrated"] == 3000.0
+    assert "1,000 tokens/s predicted (device guess, uncalibrated), 3,000 calibrated" in speed.describe(3050.0)
+    short = SpeedCalibration({"tokens_per_s": 10.0})
+    short.record(1.0), short.record(20.0)
+    assert short.annotate({"tokens_per_s": 10.0})["tokens_per_s_calibrated"] == 20.0  # a 2-step run: what there is
+    assert SpeedCalibration(None).annotate(None) is None
+
+
+def test_probe_times_only_warmed_up_passes():
+    """Passes still getting faster are not timed: the probe reports the settled speed."""
+    from budgetune.plan.throughput import WARMUP_MAX, timed_after_warmup
+
+    def passes(durations):
+        it = iter(durations)
+        calls = []
+        return (lambda: calls.append(1) or next(it)), calls
+
+    one_pass, calls = passes([6.0, 3.0, 1.2, 1.15, 1.0, 0.99])  # settled at the 4th (1.15 is not 10% below 1.2)
+    assert timed_after_warmup(one_pass, 2) == [1.0, 0.99] and len(calls) == 6
+    one_pass, calls = passes([1.0, 1.0, 1.0, 1.0])  # warm from the start: 2 untimed passes
+    assert timed_after_warmup(one_pass, 2) == [1.0, 1.0] and len(calls) == 4
+    one_pass, calls = passes([2.0 ** -i for i in range(20)])  # never settles: at most WARMUP_MAX untimed
+    assert timed_after_warmup(one_pass, 1) == [2.0 ** -WARMUP_MAX] and len(calls) == WARMUP_MAX + 1

@@ -32,6 +32,7 @@ from .models import count_parameters, load_model, load_tokenizer
 from .optim import build_optimizer, updates_in_backward
 from .plan import flops_per_token, matmul_parameters
 from .plan.search import plan_for_training
+from .plan.throughput import SpeedCalibration
 from .errors import BudgetuneError, Interrupted, RunStopped, TrainingError
 from .guard import BadSteps, StopSignals, halve_micro_batch
 from .rundir import RunDir
@@ -126,6 +127,7 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool, unde
 
     # --- plan: fill in what the config leaves open, and predict memory and speed ----------------
     cfg, prediction = plan_for_training(cfg, log=log)
+    speed = SpeedCalibration(prediction)  # the tokens/s guess, calibrated from the first steps
 
     # --- model, method, optimizer ----------------------------------------------------------
     torch.manual_seed(cfg.train.seed)
@@ -365,6 +367,8 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool, unde
             seconds = previous_step_s = time.monotonic() - t0
             tokens_per_s = step_tokens / max(seconds, 1e-9)
             step_rates.append(tokens_per_s)
+            if note := speed.record(tokens_per_s):
+                bar.log(note)
             metrics.write(step=clock.steps, tokens=clock.tokens, seconds=round(clock.elapsed(), 3), progress=round(p, 5),
                           loss=loss_value, lr=lr, tokens_per_s=round(tokens_per_s, 1), grad_norm=float(grad_norm),
                           memory_mb=round(peak_memory_bytes(device) / 2**20, 1), epoch=round(sampler.epoch, 4))
@@ -413,7 +417,7 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool, unde
         "parameters": total,
         "trainable_parameters": trainable,
         "peak_memory_mb": round(peak_memory_bytes(device) / 2**20, 1),
-        "predicted": prediction,  # the planner's numbers for this recipe, before the run
+        "predicted": speed.annotate(prediction),  # the planner's numbers for this recipe, each tokens/s labelled
         "recipe": {"method": cfg.method.name, "micro_batch": sampler.micro_batch, "grad_accum": accum,
                    "gradient_checkpointing": cfg.model.gradient_checkpointing},
         "epochs": round(sampler.epoch, 4),
@@ -434,7 +438,7 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool, unde
             + f": {clock.steps} steps, {format_count(clock.tokens)} tokens, eval loss {loss_before:.4f} → {loss_after:.4f}; run folder {run.path}")
         if prediction:
             log(f"planner: peak memory {prediction['peak_memory_mb']:.0f} MB predicted, {summary['peak_memory_mb']:.0f} MB measured; "
-                f"{prediction['tokens_per_s']:,.0f} tokens/s predicted (uncalibrated), {summary['train_tokens_per_s_median'] or 0:,.0f} measured (median step)")
+                + speed.describe(summary["train_tokens_per_s_median"]))
     if cfg.tracking:
         accelerator.end_training()
     accelerator.wait_for_everyone()
