@@ -137,9 +137,10 @@ def print_plan(plan, limit: int = 12, out: Console | None = None) -> None:
         for name, value in sorted(plan.best.memory.terms.items(), key=lambda kv: -kv[1]):
             if value:
                 say(f"  {name:<18} {format_bytes(value)}")
-        basis = getattr(plan.best.memory, "basis", "")
-        if basis:
-            say(f"  [dim]{basis}[/]")
+        if plan.device == "cpu":
+            from .plan.memory import allocator_basis
+
+            say(f"  [dim]= {allocator_basis(plan.best.memory)}[/]")
     if plan.scratch is not None:
         s = plan.scratch
         say(f"[bold]training from scratch:[/] about {format_count(s.params)} non-embedding parameters on "

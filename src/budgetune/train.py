@@ -437,7 +437,8 @@ def _train(cfg: Config, run: RunDir, accelerator, resume: bool, show: bool, unde
             + (f" (budget {format_duration(budget_s)}, overshoot {summary['overshoot_s']:+.2f}s)" if budget_s else "")
             + f": {clock.steps} steps, {format_count(clock.tokens)} tokens, eval loss {loss_before:.4f} → {loss_after:.4f}; run folder {run.path}")
         if prediction:
-            log(f"planner: peak memory {prediction['peak_memory_mb']:.0f} MB predicted, {summary['peak_memory_mb']:.0f} MB measured; "
+            log(f"planner: peak memory {prediction['peak_memory_mb']:.0f} MB predicted ({prediction.get('peak_memory_basis', 'live tensors')}), "
+                f"{summary['peak_memory_mb']:.0f} MB measured (peak RSS); "
                 + speed.describe(summary["train_tokens_per_s_median"]))
     if cfg.tracking:
         accelerator.end_training()

@@ -19,7 +19,7 @@ import torch
 
 from ..optim import updates_in_backward
 from ..units import format_bytes, format_count, parse_bytes, parse_count, parse_duration
-from .memory import MemoryEstimate, estimate_memory
+from .memory import MemoryEstimate, allocator_basis, estimate_memory, with_allocator
 from .recipe import Recipe
 from .scaling import ScratchProposal, propose_scratch
 from .throughput import device_flops_guess, probe, step_flops_per_token
@@ -224,7 +224,7 @@ def make_plan(cfg, probe_steps: int | None = None, log=print) -> Plan:
         if recipe.method not in counts:
             counts[recipe.method] = parameter_counts(config, recipe)
         total, n_matmul, n_trainable = counts[recipe.method]
-        memory = estimate_memory(config, recipe, device.type)
+        memory = with_allocator(estimate_memory(config, recipe, device.type), recipe, device.type)  # what RSS will show
         fpt = step_flops_per_token(config, recipe, n_matmul, n_trainable)
         c = Candidate(recipe, memory, memory.trainable, fpt, achieved / fpt)
         if memory.total > memory_budget:
@@ -339,5 +339,6 @@ def plan_for_training(cfg, log=print):
     if match is not None:
         prediction = {"peak_memory_mb": round(match.memory.total / 2**20, 1), "tokens_per_s": round(match.tokens_per_s, 1),
                       "tokens_per_s_basis": "probed" if match.probed else "device guess, uncalibrated",
-                      "fits": match.fits, "memory_terms_mb": {k: round(v / 2**20, 1) for k, v in match.memory.terms.items()}}
+                      "fits": match.fits, "memory_terms_mb": {k: round(v / 2**20, 1) for k, v in match.memory.terms.items()},
+                      "peak_memory_basis": allocator_basis(match.memory) if match.memory.terms.get("allocator") else "live tensors"}
     return cfg, prediction
