@@ -189,3 +189,40 @@ def test_probe_times_only_warmed_up_passes():
     assert timed_after_warmup(one_pass, 2) == [1.0, 1.0] and len(calls) == 4
     one_pass, calls = passes([2.0 ** -i for i in range(20)])  # never settles: at most WARMUP_MAX untimed
     assert timed_after_warmup(one_pass, 1) == [2.0 ** -WARMUP_MAX] and len(calls) == WARMUP_MAX + 1
+
+
+def test_cpu_prediction_counts_what_glibc_keeps(monkeypatch):
+    """The printed CPU number is RSS under glibc's default allocator: live tensors + the allocator term."""
+    import platform
+
+    from transformers import LlamaConfig
+
+    from budgetune.plan.memory import ALLOCATOR_RETENTION, allocator_basis, estimate_memory, with_allocator
+    from budgetune.plan.recipe import Recipe
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the allocator term is for glibc")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=512)
+    for method, ckpt in [("full", False), ("full", True), ("lora", False), ("lora", True)]:
+        recipe = Recipe(method=method, micro_batch=4, seq_len=128, gradient_checkpointing=ckpt)
+        live = estimate_memory(config, recipe, "cpu")
+        held = with_allocator(live, recipe, "cpu")
+        transient = live.sizes["activations"] + live.sizes["attention_mask"] + live.sizes["logits_loss"]
+        assert held.terms["allocator"] == int(ALLOCATOR_RETENTION[(method == "lora", ckpt)] * transient) > 0
+        assert held.total == live.total + held.terms["allocator"]
+        assert "glibc's allocator keeps" in allocator_basis(held)
+    assert with_allocator(live, recipe, "cuda") is live  # CUDA peaks are allocated tensors
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")  # pinned: RSS follows the live tensors
+    assert with_allocator(live, recipe, "cpu") is live and "RSS follows the tensors" in allocator_basis(live)
+
+
+def test_train_prediction_names_its_memory_basis(tmp_path, monkeypatch):
+    from budgetune.plan.search import plan_for_training
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    corpus = write_text_corpus(tmp_path / "c", n_files=2)
+    _, prediction = plan_for_training(load_config(tiny_config(tmp_path, corpus)), log=lambda m: None)
+    assert prediction["memory_terms_mb"]["allocator"] > 0 and "glibc" in prediction["peak_memory_basis"]
+    assert prediction["tokens_per_s_basis"] == "device guess, uncalibrated"

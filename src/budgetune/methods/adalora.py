@@ -81,23 +81,6 @@ class AdaLora(PeftTuner):
         with unsharded_save():
             super().save_pretrained(model, path)
 
-
-# peft warns on any zero-sized lora_A / lora_B that it saves: under ZeRO-3 / FSDP a sign of shards
-# not gathered, but AdaLoRA's final allocation legitimately prunes some matrices to rank 0
-_NOT_GATHERED = r".*DeepSpeed ZeRO-3 / FSDP shards were not gathered"
-
-
-@contextlib.contextmanager
-def unsharded_save():
-    """Silence peft's "shards were not gathered" warning where no shard exists: a single
-    process holds every parameter whole. With several processes the warning stays."""
-    import torch.distributed as dist
-
-    with warnings.catch_warnings():
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            warnings.filterwarnings("ignore", message=_NOT_GATHERED)
-        yield
-
     def after_update(self, model, opts, progress: float) -> None:
         tuner = self._tuner(model)
         config = tuner.peft_config[tuner.trainable_adapter_name]
@@ -143,3 +126,20 @@ def unsharded_save():
             getattr(allocator, kind)[name] = t.to(next(model.parameters()).device)
         model._adalora_final = info.get("final", False)
         tuner.peft_config[tuner.trainable_adapter_name].rank_pattern = info.get("rank_pattern")
+
+
+# peft warns on any zero-sized lora_A / lora_B that it saves: under ZeRO-3 / FSDP a sign of shards
+# not gathered, but AdaLoRA's final allocation legitimately prunes some matrices to rank 0
+_NOT_GATHERED = r".*DeepSpeed ZeRO-3 / FSDP shards were not gathered"
+
+
+@contextlib.contextmanager
+def unsharded_save():
+    """Silence peft's "shards were not gathered" warning where no shard exists: a single
+    process holds every parameter whole. With several processes the warning stays."""
+    import torch.distributed as dist
+
+    with warnings.catch_warnings():
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            warnings.filterwarnings("ignore", message=_NOT_GATHERED)
+        yield
