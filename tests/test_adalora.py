@@ -86,3 +86,26 @@ def test_resume_is_exact(tmp_path, chat, monkeypatch):
         budget={"steps": 10}, optim={"lr": 1e-2}, checkpoint={"every": 0.5})
     for name, tensor in straight.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0)
+
+
+def test_single_process_save_does_not_warn_about_ungathered_shards(tmp_path):
+    """A matrix pruned to rank 0 saves as zero-sized lora_A/lora_B: legitimate here, not ZeRO-3 shards."""
+    import warnings
+
+    from transformers import LlamaConfig
+
+    method = METHODS["adalora"]
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    model = method.prepare(AutoModelForCausalLM.from_config(config), method.Options(init_r=4, target_r=2))
+    peft_cfg = model.peft_config["default"]
+    names = sorted({n.split(".lora_E")[0].removeprefix("base_model.model.") for n, _ in model.named_parameters() if "lora_E" in n})
+    peft_cfg.rank_pattern = {f"{n}.lora_E": [False] * 4 for n in names[:1]} | {f"{n}.lora_E": [True] * 4 for n in names[1:]}
+    with warnings.catch_warnings(record=True) as caught:  # peft's own save warns about the rank-0 matrix ...
+        warnings.simplefilter("always")
+        model.save_pretrained(str(tmp_path / "peft"), safe_serialization=True)
+    assert any("were not gathered" in str(w.message) for w in caught)
+    with warnings.catch_warnings(record=True) as caught:  # ... ours, in one process, does not
+        warnings.simplefilter("always")
+        method.save_pretrained(model, tmp_path / "ours")
+    assert not any("were not gathered" in str(w.message) for w in caught)
+    assert (tmp_path / "ours" / "adapter_model.safetensors").exists()

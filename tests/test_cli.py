@@ -83,3 +83,71 @@ def test_train_eval_export_commands(config_file, tmp_path):
     except ImportError:
         done = run_cli("eval", run, "--lm-eval", "hellaswag")
         assert done.returncode == 2 and "pip install lm-eval" in done.stderr
+
+
+# --------------------------------------------------------------------------- help, version, units (in-process: fast)
+
+
+def in_process(capsys, *args) -> tuple[int, str, str]:
+    from budgetune.cli import main
+
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:  # argparse: --help, --version, usage errors
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_version(capsys):
+    import budgetune
+
+    code, out, _ = in_process(capsys, "--version")
+    assert code == 0 and out.strip() == f"budgetune {budgetune.__version__}"
+
+
+@pytest.mark.parametrize("command", ["train", "plan", "demo"])
+def test_subcommand_help_is_its_own_and_lists_the_overrides(capsys, command):
+    code, out, _ = in_process(capsys, command, "--help")
+    assert code == 0
+    assert out.startswith(f"usage: budgetune {command} ") and "[--section.key value ...]" in out.splitlines()[0]
+    assert "budgetune <command>" not in out  # not the global usage glued in front
+    assert "--budget.{time tokens steps flops" in out and "--data.{" in out and "roles" in out
+
+
+def test_every_flag_has_help(capsys):
+    from budgetune.cli import _parser
+
+    parser = _parser()
+    sub = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            assert action.help, f"budgetune {name} {action.option_strings or action.dest}: no help text"
+
+
+def test_compound_duration_and_negative_duration(config_file, capsys):
+    from budgetune.config import load_config
+
+    assert load_config(config_file, ["--budget.time", "1h30m"]).budget.time == "1h30m"
+    code, _, err = in_process(capsys, "train", config_file, "--budget.time", "-5m")
+    assert code == 2 and "config key 'budget.time': must be > 0" in err
+
+
+def test_failed_run_leaves_no_empty_parent_folders(config_file, tmp_path, capsys):
+    code, _, err = in_process(capsys, "train", config_file, "--output.dir", tmp_path / "runs" / "deep" / "run",
+                              "--data.train", tmp_path / "nothing.jsonl")
+    assert code == 2 and "no such file" in err
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "runs").mkdir()  # a folder that was there before is kept, even empty
+    in_process(capsys, "train", config_file, "--output.dir", tmp_path / "runs" / "run", "--data.train", tmp_path / "nothing.jsonl")
+    assert (tmp_path / "runs").is_dir()
+
+
+def test_no_tokenizer_is_trained_on_data_that_cannot_be_read(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tmp_path, empty)))
+    code, _, err = in_process(capsys, "train", path)
+    assert code == 2 and f"no examples found in {empty}" in err
+    assert not (tmp_path / "cache" / "tokenizers").exists() or not any((tmp_path / "cache" / "tokenizers").iterdir())

@@ -11,12 +11,12 @@ import pytest
 import budgetune.data.tokenize as tokmod
 from budgetune.config import DataConfig, load_config
 from budgetune.data import IGNORE, iter_texts, prepare_data, split_heldout
-from budgetune.data.formats import CHAT_ROLES, ChatFormat, PromptCompletionFormat, TextFormat, detect_format
+from budgetune.data.formats import CHAT_ROLES, FORMATS, ChatFormat, PromptCompletionFormat, TextFormat, detect_format
 from budgetune.data.packing import build_rows, pack_examples, split_long
 from budgetune.data.sampler import RowSampler
-from budgetune.data.sources import is_datasets_folder, read_records, resolve
+from budgetune.data.sources import is_datasets_folder, parse_json_line, read_records, resolve
 from budgetune.data.tokenize import TokenizedSet, default_cache_dir, tokenize_files
-from budgetune.errors import DataError
+from budgetune.errors import ConfigError, DataError
 
 
 def write_jsonl(path: Path, records) -> Path:
@@ -99,6 +99,31 @@ def test_resolve_errors(tmp_path, make, fragment):
         resolve([make(tmp_path)])
 
 
+def test_folder_walk_counts_and_names_what_it_leaves_out(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("text")
+    (tmp_path / "d" / "GPL-3").write_text("licence text")
+    (tmp_path / "d" / "news.gz").write_bytes(b"\x1f\x8b\x08\x00\x00\x00")
+    logs = []
+    assert resolve([str(tmp_path / "d")], log=logs.append) == [tmp_path / "d" / "a.txt"]
+    assert len(logs) == 1 and "reading 1 files, left out 2 files (" in logs[0]
+    assert "no suffix: 1" in logs[0] and "suffix .gz: 1" in logs[0] and str(tmp_path / "d" / "GPL-3") in logs[0]
+    assert "data.format: text" in logs[0] and f"'{tmp_path}/d/**/*'" in logs[0]
+    # data.format text: files of any suffix, binary ones left out and counted
+    logs.clear()
+    assert resolve([str(tmp_path / "d")], all_files=True, log=logs.append) == [tmp_path / "d" / "GPL-3", tmp_path / "d" / "a.txt"]
+    assert "left out 1 file (binary: 1; e.g. " in logs[0] and "news.gz" in logs[0]
+
+
+def test_folder_of_suffixless_files_says_how_to_read_them(tmp_path):
+    for name in ("GPL-3", "Artistic", "BSD"):
+        (tmp_path / name).write_text(f"{name} licence")
+    with pytest.raises(DataError, match=r"has no readable files: 3 files \(no suffix: 3; e\.g\. .*data\.format: text.*\*\*/\*") as err:
+        resolve([str(tmp_path)])
+    assert "config key 'data.train'" in str(err.value)
+    assert len(resolve([str(tmp_path)], all_files=True)) == 3
+
+
 def test_read_text_file(tmp_path):
     p = tmp_path / "doc.txt"
     p.write_text("hello world\n", encoding="utf-8")
@@ -136,6 +161,12 @@ def test_jsonl_bad_json_names_file_and_line(tmp_path):
         list(read_records(p))
     assert f"{p}:3" in str(err.value)
     assert "not valid JSON" in str(err.value)
+
+
+def test_json_error_message_reads_well():
+    with pytest.raises(DataError, match=r"^f:3: not valid JSON \(Unterminated string starting at column 10\); each line") as err:
+        parse_json_line(b'{"text": "x', "f:3")
+    assert "at at" not in str(err.value)
 
 
 def test_jsonl_non_object_line(tmp_path):
@@ -310,6 +341,91 @@ def test_chat_roles():
     assert CHAT_ROLES == {"system", "user", "assistant", "tool"}
 
 
+
+# ShareGPT and Alpaca: read as the chat conversation they stand for (same tokens, same mask)
+SHAREGPT = {"system": "Be brief.", "conversations": [
+    {"from": "human", "value": "hi there"}, {"from": "gpt", "value": "I am fine."},
+    {"from": "human", "value": "and you?"}, {"from": "gpt", "value": "Good, thanks!"}]}
+
+
+def test_sharegpt_is_the_chat_it_stands_for(tmp_path, tokenizer, cache_dir):
+    chat = tokenize([write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}])], tokenizer, cache_dir)
+    share = tokenize([write_jsonl(tmp_path / "share.jsonl", [SHAREGPT])], tokenizer, cache_dir)
+    assert share.format == "sharegpt"
+    assert example(share, 0) == example(chat, 0)
+    assert masked_runs(tokenizer, *example(share, 0))[0].startswith("I am fine.")
+
+
+def test_sharegpt_role_names_mapped_by_data_roles(tmp_path, tokenizer, cache_dir):
+    record = {"conversations": [{"from": "person", "value": "hi there"}, {"from": "bot", "value": "I am fine."}]}
+    p = write_jsonl(tmp_path / "share.jsonl", [record])
+    with pytest.raises(DataError, match=rf"{p.name}:1: message 0 has unknown role 'person'.*data.roles"):
+        tokenize([p], tokenizer, cache_dir)
+    data = tokenize([p], tokenizer, cache_dir, roles={"person": "user", "bot": "assistant"})
+    chat = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "I am fine."}]
+    assert example(data, 0)[0] == tokenizer(tokenizer.apply_chat_template(chat, tokenize=False), add_special_tokens=False)["input_ids"]
+
+
+def test_chat_roles_mapped_too(tokenizer):
+    record = {"messages": [{"role": "human", "content": "x"}, {"role": "bot", "content": "y"}]}
+    (ids, mask), = ChatFormat.encode([record], ["c:1"], tokenizer, dcfg(roles={"bot": "assistant"}))
+    assert masked_runs(tokenizer, ids, mask)[0].startswith("y")
+
+
+@pytest.mark.parametrize(
+    "record, fragment",
+    [
+        ({"conversations": []}, "'conversations' must be a non-empty list"),
+        ({"conversations": [{"from": "human"}]}, "turn 0 of 'conversations' must be an object with string 'from' and 'value'"),
+        ({"conversations": [{"from": "human", "value": "x"}]}, "no assistant message"),
+        ({"conversations": [{"from": "gpt", "value": "x"}], "system": 3}, "field 'system' must be a string"),
+    ],
+)
+def test_sharegpt_errors_name_the_record(tokenizer, record, fragment):
+    with pytest.raises(DataError, match=fragment) as err:
+        FORMATS["sharegpt"].encode([record], ["s.jsonl:3"], tokenizer, dcfg())
+    assert str(err.value).startswith("s.jsonl:3: ")
+
+
+def test_chat_with_sharegpt_turns_says_what_to_set(tokenizer):
+    with pytest.raises(DataError, match="set data.format: sharegpt and data.conversations_field: messages"):
+        ChatFormat.encode([{"messages": SHAREGPT["conversations"]}], ["c:1"], tokenizer, dcfg())
+
+
+def test_alpaca_is_a_user_turn_and_an_assistant_turn(tmp_path, tokenizer, cache_dir):
+    records = [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+               {"instruction": "Say hi.", "input": "", "output": "hi", "system": "Be brief.", "history": [["ping", "pong"]]}]
+    data = tokenize([write_jsonl(tmp_path / "alpaca.jsonl", records)], tokenizer, cache_dir)
+    assert data.format == "alpaca" and len(data) == 2
+    expected = [
+        [{"role": "user", "content": "Add the numbers.\n\n2 and 3"}, {"role": "assistant", "content": "5"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"},
+         {"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}],
+    ]
+    for i, messages in enumerate(expected):
+        ids, mask = example(data, i)
+        assert ids == tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+        runs = masked_runs(tokenizer, ids, mask)
+        assert [r.split("<|im_end|>")[0] for r in runs] == [m["content"] for m in messages if m["role"] == "assistant"]
+
+
+def test_alpaca_custom_fields_and_errors(tmp_path, tokenizer, cache_dir):
+    cfg = dcfg(instruction_field="q", input_field="ctx", output_field="a")
+    assert detect_format({"q": "x", "a": "y"}, "f:1", cfg) == "alpaca"
+    p = write_jsonl(tmp_path / "a.jsonl", [{"q": "x", "a": "y"}, {"q": "x", "a": ""}])
+    with pytest.raises(DataError, match=rf"{p.name}:2: empty 'a'"):
+        tokenize([p], tokenizer, cache_dir, instruction_field="q", input_field="ctx", output_field="a")
+    with pytest.raises(DataError, match=r"a:7: field 'history' must be a list of \[instruction, response\]"):
+        FORMATS["alpaca"].encode([{"instruction": "x", "output": "y", "history": ["z"]}], ["a:7"], tokenizer, dcfg())
+
+
+def test_data_roles_must_name_a_chat_role():
+    base = {"model": {"init": "scratch", "preset": "llama-test"}, "data": {"train": ["x"]}, "budget": {"steps": 1}}
+    with pytest.raises(ConfigError, match="'data.roles.bot': 'robot' is not one of"):
+        load_config(base, {"data": {"roles": {"bot": "robot"}}})
+    assert load_config(base, ["--data.roles", "{bot: assistant}"]).data.roles == {"bot": "assistant"}
+
+
 @pytest.mark.parametrize(
     "record, expected",
     [
@@ -318,6 +434,10 @@ def test_chat_roles():
         ({"prompt": "p", "completion": "c", "text": "t"}, "prompt_completion"),
         ({"messages": [], "text": "t"}, "chat"),
         ({"messages": [], "prompt": "p", "completion": "c"}, "chat"),
+        ({"conversations": [], "text": "t"}, "sharegpt"),
+        ({"instruction": "i", "input": "", "output": "o"}, "alpaca"),
+        ({"instruction": "i", "output": "o", "text": "t"}, "alpaca"),
+        ({"instruction": "i", "text": "t"}, "text"),
     ],
 )
 def test_detect_format(record, expected):
@@ -371,6 +491,23 @@ def test_iter_texts_yields_all_text_fields(tmp_path):
     cfg = load_config({"model": {"init": "scratch", "preset": "llama-test"}, "data": {"train": [str(a), str(b)]}, "budget": {"steps": 1}})
     assert list(iter_texts(cfg)) == ["P1", "C1", "U1", "A1", "plain text"]
     assert list(iter_texts(cfg, limit_bytes=3)) == ["P1", "C1"]  # stops after the record that crosses the limit
+
+
+def test_iter_texts_reads_sharegpt_and_alpaca_and_checks_the_data(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"conversations": [{"from": "human", "value": "H1"}, {"from": "gpt", "value": "G1"}]},
+                                           {"instruction": "I1", "input": "N1", "output": "O1"}])
+    base = {"model": {"init": "scratch", "preset": "llama-test"}, "budget": {"steps": 1}}
+    assert list(iter_texts(load_config({**base, "data": {"train": [str(a)]}}))) == ["H1", "G1", "I1", "N1", "O1"]
+    # what no format reads stops here, before a tokenizer is trained on it, naming file:line
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": "fine"}, {"body": "?"}])
+    with pytest.raises(DataError, match=rf"{b.name}:2: cannot tell the data format"):
+        list(iter_texts(load_config({**base, "data": {"train": [str(b)]}})))
+    with pytest.raises(DataError, match=rf"{b.name}:1: this record is text data, not chat"):
+        list(iter_texts(load_config({**base, "data": {"train": [str(b)], "format": "chat"}})))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="no examples found in .*empty.jsonl"):
+        list(iter_texts(load_config({**base, "data": {"train": [str(empty)]}})))
 
 
 def test_empty_data_is_an_error(tmp_path, tokenizer, cache_dir):

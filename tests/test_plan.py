@@ -46,7 +46,7 @@ def test_plan_drops_what_does_not_fit_and_says_why(tmp_path):
 
 def test_trainable_parameter_cap_selects_lora(tmp_path):
     corpus = write_text_corpus(tmp_path / "c", n_files=2)
-    cfg = load_config(tiny_config(tmp_path, corpus, budget={"steps": 3, "trainable": 40000}))
+    cfg = load_config(tiny_config(tmp_path, corpus, budget={"steps": 5, "trainable": 40000}))
     plan = make_plan(cfg, probe_steps=0, log=lambda m: None)
     assert plan.best.recipe.method == "lora"
     assert any(c.recipe.method == "full" and "trainable" in c.why_not for c in plan.candidates)
@@ -55,6 +55,10 @@ def test_trainable_parameter_cap_selects_lora(tmp_path):
     summary = train(cfg, quiet=True)
     assert summary["method"] == "lora" and summary["trainable_parameters"] <= 40000
     assert summary["predicted"]["peak_memory_mb"] > 0 and summary["predicted"]["tokens_per_s"] > 0
+    # each tokens/s number says what it is: the planner's guess, and the run's own calibration (steps 2-4)
+    assert summary["predicted"]["tokens_per_s_basis"] == "device guess, uncalibrated"
+    assert summary["predicted"]["tokens_per_s_calibrated"] > 0
+    assert summary["predicted"]["tokens_per_s_calibrated_from"] == "median of steps 2–4"
 
 
 def test_probe_calibrates_speed(tmp_path):
@@ -182,3 +186,107 @@ def test_pinned_batch_lr_and_micro_batch_stay(tmp_path):
     cfg = load_config(base, {"train": {"grad_accum": 2}})
     plan = make_plan(cfg, probe_steps=0, log=lambda m: None)
     assert plan.batch is None and all(c.recipe.micro_batch * c.recipe.grad_accum == 16 for c in plan.candidates)
+
+
+def test_plan_table_fits_80_columns_uncut():
+    """Wide values (long method names, 64×64, GiB, 100k+ tok/s, billions) in a piped 80-column console."""
+    import io
+
+    from rich.console import Console
+
+    from budgetune.console import print_plan
+    from budgetune.plan.memory import MemoryEstimate
+    from budgetune.plan.recipe import Recipe
+    from budgetune.plan.search import Candidate, Plan
+
+    def candidate(method, mb, ga, mem, tps, fits=True):
+        c = Candidate(Recipe(method=method, micro_batch=mb, grad_accum=ga, gradient_checkpointing=mb > 8),
+                      MemoryEstimate({"weights": mem // 2, "activations": mem - mem // 2}), 123_456_789, 6e9, tps, fits=fits,
+                      why_not="" if fits else "needs 99 GiB > 20 GiB (largest term: weights 50 GiB)", probed=tps > 1e5)
+        c.tokens_in_budget, c.epochs = tps * 36_000, 123.45
+        return c
+
+    cands = [candidate("loraplus", 64, 64, 123 * 2**30, 123_456.7), candidate("adalora", 1, 512, 999 * 2**20, 9_999.0),
+             candidate("full", 2, 1, 99 * 2**30, 1.0, fits=False)]
+    plan = Plan("cuda", 20 * 2**30, cands, 1e9)
+    buffer = io.StringIO()
+    print_plan(plan, out=Console(file=buffer, width=80, force_terminal=False, highlight=False))
+    text = buffer.getvalue()
+    table = [line for line in text.splitlines() if line.lstrip().startswith(("#", "1 ", "2 "))]
+    assert len(table) == 3, text
+    assert all(len(line) <= 80 for line in table) and "…" not in text, text
+    for value in ("loraplus", "64×64", "123 GiB", "123,457", "4.44B", "123M", "adalora", "1×512", "999 MiB", "9,999 ≈"):
+        assert value in text, (value, text)
+    # prose is not hard-wrapped: each note stays one line in a log
+    assert any(line.startswith("batch = micro-batch × accumulation;") and "in budget =" in line for line in text.splitlines())
+
+
+def test_speed_calibration_from_the_first_steps():
+    from budgetune.plan.throughput import SpeedCalibration
+
+    speed = SpeedCalibration({"tokens_per_s": 1000.0, "tokens_per_s_basis": "device guess, uncalibrated"})
+    assert [speed.record(r) for r in (100.0, 2900.0, 3100.0)] == [None, None, None]  # step 1 is warm-up
+    note = speed.record(3000.0)
+    assert note == "speed: 3,000 tokens/s calibrated from steps 2–4 (the planner's device guess, uncalibrated: 1,000, 3.00× that)"
+    assert speed.record(5000.0) is None and speed.calibrated == 3000.0  # calibrated once
+    out = speed.annotate({"tokens_per_s": 1000.0, "peak_memory_mb": 1.0})
+    assert out["tokens_per_s"] == 1000.0 and out["tokens_per_s_calibrated"] == 3000.0
+    assert "1,000 tokens/s predicted (device guess, uncalibrated), 3,000 calibrated" in speed.describe(3050.0)
+    short = SpeedCalibration({"tokens_per_s": 10.0})
+    short.record(1.0), short.record(20.0)
+    assert short.annotate({"tokens_per_s": 10.0})["tokens_per_s_calibrated"] == 20.0  # a 2-step run: what there is
+    assert SpeedCalibration(None).annotate(None) is None
+
+
+def test_probe_times_only_warmed_up_passes():
+    """Passes still getting faster are not timed: the probe reports the settled speed."""
+    from budgetune.plan.throughput import WARMUP_MAX, timed_after_warmup
+
+    def passes(durations):
+        it = iter(durations)
+        calls = []
+        return (lambda: calls.append(1) or next(it)), calls
+
+    one_pass, calls = passes([6.0, 3.0, 1.2, 1.15, 1.0, 0.99])  # settled at the 4th (1.15 is not 10% below 1.2)
+    assert timed_after_warmup(one_pass, 2) == [1.0, 0.99] and len(calls) == 6
+    one_pass, calls = passes([1.0, 1.0, 1.0, 1.0])  # warm from the start: 2 untimed passes
+    assert timed_after_warmup(one_pass, 2) == [1.0, 1.0] and len(calls) == 4
+    one_pass, calls = passes([2.0 ** -i for i in range(20)])  # never settles: at most WARMUP_MAX untimed
+    assert timed_after_warmup(one_pass, 1) == [2.0 ** -WARMUP_MAX] and len(calls) == WARMUP_MAX + 1
+
+
+def test_cpu_prediction_counts_what_glibc_keeps(monkeypatch):
+    """The printed CPU number is RSS under glibc's default allocator: live tensors + the allocator term."""
+    import platform
+
+    from transformers import LlamaConfig
+
+    from budgetune.plan.memory import ALLOCATOR_RETENTION, allocator_basis, estimate_memory, with_allocator
+    from budgetune.plan.recipe import Recipe
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the allocator term is for glibc")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=512)
+    for method, ckpt in [("full", False), ("full", True), ("lora", False), ("lora", True)]:
+        recipe = Recipe(method=method, micro_batch=4, seq_len=128, gradient_checkpointing=ckpt)
+        live = estimate_memory(config, recipe, "cpu")
+        held = with_allocator(live, recipe, "cpu")
+        transient = live.sizes["activations"] + live.sizes["attention_mask"] + live.sizes["logits_loss"]
+        assert held.terms["allocator"] == int(ALLOCATOR_RETENTION[(method == "lora", ckpt)] * transient) > 0
+        assert held.total == live.total + held.terms["allocator"]
+        assert "glibc's allocator keeps" in allocator_basis(held)
+    assert with_allocator(live, recipe, "cuda") is live  # CUDA peaks are allocated tensors
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")  # pinned: RSS follows the live tensors
+    assert with_allocator(live, recipe, "cpu") is live and "RSS follows the tensors" in allocator_basis(live)
+
+
+def test_train_prediction_names_its_memory_basis(tmp_path, monkeypatch):
+    from budgetune.plan.search import plan_for_training
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    corpus = write_text_corpus(tmp_path / "c", n_files=2)
+    _, prediction = plan_for_training(load_config(tiny_config(tmp_path, corpus)), log=lambda m: None)
+    assert prediction["memory_terms_mb"]["allocator"] > 0 and "glibc" in prediction["peak_memory_basis"]
+    assert prediction["tokens_per_s_basis"] == "device guess, uncalibrated"

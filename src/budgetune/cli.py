@@ -20,38 +20,72 @@ USAGE = """budgetune <command> ...
 """
 
 
+def _overrides_help() -> str:
+    """The `--section.key value` overrides, every config key by section (from config.py's dataclasses)."""
+    import dataclasses
+    import textwrap
+
+    from .config import Config
+
+    lines = ["config overrides: any config key as --section.key value (parsed as YAML; also --section.key=value),",
+             "e.g. --budget.time 1h30m --method.name lora --data.seq_len 512. Keys (docs/config.md explains each):"]
+    for section in dataclasses.fields(Config):
+        default = section.default_factory() if section.default_factory is not dataclasses.MISSING else None
+        if not dataclasses.is_dataclass(default):
+            lines.append(f"  --{section.name} LIST")
+            continue
+        keys = [f.name for f in dataclasses.fields(default)]
+        if section.name == "method":
+            keys.append("... (the method's own options: docs/methods.md)")
+        lines += textwrap.wrap(" ".join(keys), width=76, initial_indent=f"  --{section.name}.{{", subsequent_indent="      ")
+        lines[-1] += "}"
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="budgetune", usage=USAGE, description="Train the best causal LM your budget allows.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train within the budget")
-    p.add_argument("config", help="YAML config file (or a built-in name: demo)")
+    parser.add_argument("--version", action="version", version=f"budgetune {__version__}")
+    # prog: each subcommand's usage line is its own ("budgetune train ..."), not the global usage
+    sub = parser.add_subparsers(dest="command", required=True, prog="budgetune", metavar="COMMAND")
+    overrides = dict(epilog=_overrides_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    quiet = "print only errors (no progress bar or status lines)"
+    config = "YAML config file, or a built-in name: demo"
+    p = sub.add_parser("train", help="train within the budget",
+                       usage="budgetune train CONFIG [--resume] [--overwrite] [--quiet] [--section.key value ...]", description="Train within the budget.", **overrides)
+    p.add_argument("config", help=config)
     p.add_argument("--resume", action="store_true", help="continue the run in output.dir from its last checkpoint")
     p.add_argument("--extend", action="store_true", help="with --resume: train a finished run further on a larger budget")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in output.dir")
-    p.add_argument("--quiet", action="store_true")
-    p = sub.add_parser("plan", help="what fits: ranked recipes, predicted memory and speed")
-    p.add_argument("config", help="YAML config file (or a built-in name: demo)")
+    p.add_argument("--quiet", action="store_true", help=quiet)
+    p = sub.add_parser("plan", help="what fits: ranked recipes, predicted memory and speed",
+                       usage="budgetune plan CONFIG [--json] [--no-probe] [--section.key value ...]",
+                       description="Ranked recipes that fit the budget, with predicted memory and speed.", **overrides)
+    p.add_argument("config", help=config)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--no-probe", action="store_true", help="predict only; do not time real steps")
-    p = sub.add_parser("demo", help="the embedded default, no downloads")
-    p.add_argument("--quiet", action="store_true")
-    p = sub.add_parser("eval", help="evaluate a finished run")
-    p.add_argument("run_dir")
-    p.add_argument("--data", action="append", help="held-out data to score (default: the run's own split)")
-    p.add_argument("--prompt", action="append", help="prompt to continue (default: eval.prompts of the run)")
-    p.add_argument("--max-tokens", type=int)
+    p = sub.add_parser("demo", help="the embedded default, no downloads", usage="budgetune demo [--quiet] [--section.key value ...]",
+                       description="Train a tiny Llama on Python's standard library, offline (3 minutes).", **overrides)
+    p.add_argument("--quiet", action="store_true", help=quiet)
+    p = sub.add_parser("eval", help="evaluate a finished run", description="Held-out loss, perplexity, samples, lm-eval.")
+    p.add_argument("run_dir", help="a run folder (output.dir of a finished train)")
+    p.add_argument("--data", action="append", help="held-out data to score (default: the run's own split); repeatable")
+    p.add_argument("--prompt", action="append", help="prompt to continue (default: eval.prompts of the run); repeatable")
+    p.add_argument("--max-tokens", type=int, help="new tokens per sample (default: eval.sample_tokens of the run)")
     p.add_argument("--lm-eval", help="comma-separated lm-evaluation-harness tasks (pip install lm-eval), e.g. hellaswag,arc_easy")
     p.add_argument("--lm-eval-limit", type=int, help="examples per lm-eval task (quick checks)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a run trained with model.trust_remote_code to load")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p = sub.add_parser("export", help="export an adapter or a merged model")
-    p.add_argument("run_dir")
+    p = sub.add_parser("export", help="export an adapter or a merged model", description="Export a peft adapter or a merged model.")
+    p.add_argument("run_dir", help="a finished run folder")
     p.add_argument("--merge", action="store_true", help="fold the adapter into the base weights")
     p.add_argument("--out", help="target folder (default RUN_DIR/export/<kind>)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace what is in the target folder")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a run trained with model.trust_remote_code to load")
-    p = sub.add_parser("report", help="an HTML report of one run, or several compared")
-    p.add_argument("run_dirs", nargs="+")
+    p = sub.add_parser("report", help="an HTML report of one run, or several compared",
+                       description="One HTML page: curves, budget, plan vs measured.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders; several are compared on one page")
     p.add_argument("--out", help="HTML file (default RUN_DIR/report.html; for several runs ./report.html)")
     return parser
 

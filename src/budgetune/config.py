@@ -75,7 +75,7 @@ class SelectConfig:
 class DataConfig:
     train: list[str | SourceConfig] = field(default_factory=list)  # files, folders or globs (`{stdlib}` expands); or sources {path, weight, format, ...}
     eval: list[str] = field(default_factory=list)  # held-out data; default: a split of train
-    format: Literal["auto", "text", "prompt_completion", "chat"] = "auto"  # auto: from the fields of the first record
+    format: Literal["auto", "text", "prompt_completion", "chat", "sharegpt", "alpaca"] = "auto"  # auto: from the fields of the first record
     seq_len: int = 1024  # tokens per row (packed rows hold several examples)
     pack: bool = True  # padding-free packing (METHODS.md §5)
     eval_fraction: float = 0.05  # share of examples held out when data.eval is empty (seeded)
@@ -84,6 +84,11 @@ class DataConfig:
     prompt_field: str = "prompt"  # field of the prompt (no loss on it)
     completion_field: str = "completion"  # field of the completion (the loss)
     messages_field: str = "messages"  # field of chat messages [{role, content}] (loss on assistant turns)
+    conversations_field: str = "conversations"  # sharegpt: field of the turns [{from, value}]
+    instruction_field: str = "instruction"  # alpaca: the instruction (the user turn)
+    input_field: str = "input"  # alpaca: optional input, appended to the instruction
+    output_field: str = "output"  # alpaca: the response (the loss)
+    roles: dict = field(default_factory=dict)  # chat/sharegpt role names → system, user, assistant, tool, e.g. {bot: assistant}; human/gpt are known
     cache_dir: str | None = None  # tokenisation cache; default ~/.cache/budgetune
     on_error: Literal["error", "skip"] = "error"  # a bad record: stop naming it, or skip it (counted in the summary)
     dedup: Literal["off", "exact", "near"] = "off"  # drop duplicate examples: exact (normalised text) or near (MinHash LSH)
@@ -149,6 +154,8 @@ class EvalConfig:
     max_tokens: int = 65536  # cap on held-out tokens per evaluation
     prompts: list[str] = field(default_factory=list)  # generation samples at the end
     sample_tokens: int = 48  # new tokens per generation sample
+    temperature: float = 0.0  # generation samples: 0 = greedy; > 0 samples (seeded by train.seed)
+    repetition_penalty: float = 1.0  # generation samples: > 1 discourages repeating tokens (1 = off)
 
 
 @dataclass
@@ -356,6 +363,9 @@ def _validate(cfg: Config) -> None:
             positive("train.batch_tokens", parse_count(cfg.train.batch_tokens))
         except ValueError as e:
             raise ConfigError(f"config key 'train.batch_tokens': {e}") from None
+    for name, role in cfg.data.roles.items():
+        if role not in ("system", "user", "assistant", "tool"):
+            raise ConfigError(f"config key 'data.roles.{name}': {role!r} is not one of 'system', 'user', 'assistant', 'tool'")
     positive("train.micro_batch", cfg.train.micro_batch)
     positive("train.grad_accum", cfg.train.grad_accum)
     positive("train.fast_forward", cfg.train.fast_forward, allow_zero=True)
@@ -367,6 +377,8 @@ def _validate(cfg: Config) -> None:
     positive("optim.lr", cfg.optim.lr)
     positive("optim.grad_clip", cfg.optim.grad_clip, allow_zero=True)
     positive("eval.max_tokens", cfg.eval.max_tokens)
+    positive("eval.temperature", cfg.eval.temperature, allow_zero=True)
+    positive("eval.repetition_penalty", cfg.eval.repetition_penalty)
     positive("checkpoint.keep", cfg.checkpoint.keep)
     if not 0 <= cfg.schedule.warmup < 1:
         raise ConfigError(f"config key 'schedule.warmup': must be in [0, 1), got {cfg.schedule.warmup}")
@@ -481,6 +493,8 @@ def parse_interval(value: Interval) -> tuple[str, float] | None:
             raise ValueError(f"a number must be a fraction of the budget in (0, 1], got {value} (or give a duration like '5m')")
         return ("progress", float(value))
     seconds = parse_duration(value)
+    if seconds < 0:
+        raise ValueError(f"must be > 0, got {value!r} (or 0 / null for never)")
     return ("seconds", seconds) if seconds > 0 else None
 
 

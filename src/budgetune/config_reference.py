@@ -72,7 +72,7 @@ def render() -> str:
     lines = ["# Config reference", "",
              "Generated from the config classes by `python -m budgetune.config_reference` (a test keeps it in",
              "step). Any key can be set in the YAML file (`section: {key: value}`) or on the command line",
-             "(`--section.key value`). Units: durations `90s`/`10m`/`2h`, counts `5M`/`2e9`, sizes `24GB`.", ""]
+             "(`--section.key value`). Units: durations `90s`/`10m`/`2h`/`1h30m`, counts `5M`/`2e9`, sizes `24GB`.", ""]
     hints = typing.get_type_hints(Config)
     for field in dataclasses.fields(Config):
         cls = hints[field.name]

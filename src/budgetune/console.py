@@ -9,6 +9,8 @@ from rich.progress import BarColumn, Progress, TextColumn
 
 from .units import format_count, format_duration
 
+__all__ = ["console", "TrainProgress", "say", "quiet_libraries", "print_plan"]
+
 console = Console(stderr=False, highlight=False)
 
 
@@ -71,30 +73,56 @@ def quiet_libraries() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
-def print_plan(plan, limit: int = 12) -> None:
-    """The ranked recipes as a table, then what does not fit and why."""
+def _short_bytes(n: float) -> str:
+    """Three significant digits: '816 MiB', '1.23 GiB' (the plan table must fit 80 columns)."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            v = n / scale
+            return f"{v:.3g} {unit}" if v < 1000 else f"{v:.0f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _short_count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            v = n / scale
+            return f"{v:.3g}{unit}" if v < 1000 else f"{v:.0f}{unit}"
+    return f"{n:.0f}"
+
+
+def print_plan(plan, limit: int = 12, out: Console | None = None) -> None:
+    """The ranked recipes as a table, then what does not fit and why.
+
+    Fits 80 columns — a terminal's default, and what rich assumes when the output is piped
+    into a log — with nothing cut: compact numbers, no box lines, prose printed unwrapped
+    (soft_wrap) so that a log keeps each note on one line."""
+    from rich import box
     from rich.table import Table
 
     from .units import format_bytes
 
-    table = Table(title=f"plan for {plan.device} — memory budget {format_bytes(plan.memory_budget)}", show_lines=False)
+    out = out or console
+    say = lambda text: out.print(text, soft_wrap=True)  # noqa: E731
+    say(f"[bold]plan for {plan.device}[/] — memory budget {format_bytes(plan.memory_budget)}")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), show_edge=False)
     for col in ("#", "method", "batch", "ckpt", "memory", "tok/s", "in budget", "epochs", "trainable"):
-        table.add_column(col, justify="right" if col not in ("method",) else "left", no_wrap=True)
+        table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True, overflow="fold")
     for i, c in enumerate(plan.fitting[:limit], 1):
         r = c.recipe
         table.add_row(
             str(i), r.method, f"{r.micro_batch}×{r.grad_accum}", "on" if r.gradient_checkpointing else "off",
-            format_bytes(c.memory.total), f"{c.tokens_per_s:,.0f}{'' if c.probed else ' ≈'}",
-            format_count(c.tokens_in_budget) if c.tokens_in_budget else "-", f"{c.epochs:.2f}" if c.epochs else "-",
-            format_count(c.trainable),
+            _short_bytes(c.memory.total), f"{c.tokens_per_s:,.0f}{'' if c.probed else ' ≈'}",
+            _short_count(c.tokens_in_budget) if c.tokens_in_budget else "-", f"{c.epochs:.2f}" if c.epochs else "-",
+            _short_count(c.trainable),
         )
-    console.print(table)
-    console.print("[dim]batch = micro-batch × accumulation; tok/s ≈ predicted from a device guess, without ≈ measured by the probe[/]")
+    out.print(table)
+    say("[dim]batch = micro-batch × accumulation; tok/s ≈ predicted from a device guess, without ≈ measured by the probe; "
+        "in budget = tokens the time budget trains[/]")
     rejected = [c for c in plan.candidates if not c.fits]
     if not plan.fitting:
-        console.print("[bold red]nothing fits[/] — lower data.seq_len, allow LoRA (unset method.name), or raise budget.memory")
+        say("[bold red]nothing fits[/] — lower data.seq_len, allow LoRA (unset method.name), or raise budget.memory")
     if rejected:
-        console.print("[bold]does not fit[/] (the smallest variant of each, and where its memory goes):")
+        say("[bold]does not fit[/] (the smallest variant of each, and where its memory goes):")
         smallest: dict = {}
         for c in rejected:
             key = (c.recipe.method, c.recipe.gradient_checkpointing)
@@ -102,18 +130,22 @@ def print_plan(plan, limit: int = 12) -> None:
                 smallest[key] = c
         for (method, ckpt), c in sorted(smallest.items()):
             top = sorted(c.memory.terms.items(), key=lambda kv: -kv[1])[:3]
-            console.print(f"  {method}, micro-batch {c.recipe.micro_batch}, checkpointing {'on' if ckpt else 'off'}: {c.why_not.split(' (')[0]}"
-                          f" — {', '.join(f'{k} {format_bytes(v)}' for k, v in top)}")
+            say(f"  {method}, micro-batch {c.recipe.micro_batch}, checkpointing {'on' if ckpt else 'off'}: {c.why_not.split(' (')[0]}"
+                f" — {', '.join(f'{k} {format_bytes(v)}' for k, v in top)}")
     if plan.best is not None:
-        console.print("[bold]memory of the top recipe:[/]")
+        say("[bold]memory of the top recipe:[/]")
         for name, value in sorted(plan.best.memory.terms.items(), key=lambda kv: -kv[1]):
             if value:
-                console.print(f"  {name:<18} {format_bytes(value)}")
+                say(f"  {name:<18} {format_bytes(value)}")
+        if plan.device == "cpu":
+            from .plan.memory import allocator_basis
+
+            say(f"  [dim]= {allocator_basis(plan.best.memory)}[/]")
     if plan.scratch is not None:
         s = plan.scratch
-        console.print(f"[bold]training from scratch:[/] about {format_count(s.params)} non-embedding parameters on "
-                      f"{format_count(s.tokens)} tokens, peak LR {s.lr:.2e}, batch {format_count(s.batch_tokens)} tokens")
+        say(f"[bold]training from scratch:[/] about {format_count(s.params)} non-embedding parameters on "
+            f"{format_count(s.tokens)} tokens, peak LR {s.lr:.2e}, batch {format_count(s.batch_tokens)} tokens")
         for line in s.reasoning:
-            console.print(f"  - {line}")
+            say(f"  - {line}")
     for note in plan.notes:
-        console.print(f"[dim]{note}[/]")
+        say(f"[dim]{note}[/]")

@@ -16,7 +16,8 @@ def demo(overrides=None, overwrite: bool = True, quiet: bool = False) -> dict:
         f"within a {cfg.budget.time or cfg.budget.describe()} budget. No downloads.", not quiet)
     summary = train(cfg, overwrite=overwrite, quiet=quiet)
     model, tokenizer, _ = load_trained(summary["run_dir"])
-    samples = generate_samples(model, tokenizer, cfg.eval.prompts, cfg.eval.sample_tokens, "cpu")
+    samples = generate_samples(model, tokenizer, cfg.eval.prompts, cfg.eval.sample_tokens, "cpu", cfg.eval.temperature,
+                               cfg.eval.repetition_penalty, cfg.train.seed)
     if not quiet:
         uniform = summary["uniform_loss"]
         console.rule("what the budget bought")

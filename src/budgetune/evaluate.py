@@ -81,16 +81,21 @@ def heldout_loss(model, rows: Rows | None, micro_batch: int, max_tokens: int, de
 
 
 @torch.no_grad()
-def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int, device) -> list[str]:
-    """Greedy continuations of each prompt (deterministic, so runs can be compared)."""
+def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int, device, temperature: float = 0.0,
+                     repetition_penalty: float = 1.0, seed: int = 0) -> list[str]:
+    """Continuations of each prompt: greedy at temperature 0, else sampled (seeded, so the same
+    run gives the same samples). A repetition penalty > 1 (transformers' CTRL-style penalty)
+    keeps a small, briefly trained model from looping on one token."""
     was_training = model.training
     model.eval()
     out = []
-    for prompt in prompts:
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0) if temperature > 0 else dict(do_sample=False)
+    for i, prompt in enumerate(prompts):
         enc = tokenizer(prompt, return_tensors="pt").to(device)
-        ids = model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
-        )
+        with torch.random.fork_rng(devices=[]):  # seeded sampling without touching the caller's RNG
+            torch.manual_seed(seed + i)
+            ids = model.generate(**enc, max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty, **sampling,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         out.append(tokenizer.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
     model.train(was_training)
     return out
@@ -159,7 +164,8 @@ def evaluate(run_dir: str | Path, data: list[str] | None = None, prompts: list[s
     bundle = prepare_data(cfg, tokenizer, seed=cfg.train.seed, log=log)
     loss = heldout_loss(model, bundle.eval, cfg.train.micro_batch, max_tokens or cfg.eval.max_tokens, device)
     prompts = prompts if prompts is not None else cfg.eval.prompts
-    samples = generate_samples(model, tokenizer, prompts, cfg.eval.sample_tokens, device) if prompts else []
+    samples = generate_samples(model, tokenizer, prompts, cfg.eval.sample_tokens, device, cfg.eval.temperature,
+                               cfg.eval.repetition_penalty, cfg.train.seed) if prompts else []
     return {
         "eval_loss": loss,
         "perplexity": math.exp(loss) if loss == loss and loss < 50 else float("inf"),

@@ -70,6 +70,9 @@ def load_tokenizer(cfg, log=print):
         tokenizer.chat_template = tcfg.chat_template
     elif not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        # said when chat data are rendered with it; a tokenizer whose own template is this one (a
+        # budgetune run's model folder saves it) has a template, and is not told otherwise
+        tokenizer.budgetune_default_template = True
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -84,7 +87,7 @@ def train_tokenizer(cfg, log=print):
     from .data.sources import resolve
     from .data.tokenize import default_cache_dir
 
-    files = resolve(cfg.data.train, cfg.data.max_files)
+    files = resolve(cfg.data.train, cfg.data.max_files, all_files=cfg.data.format == "text")
     h = hashlib.sha256(f"bpe-v1|{cfg.tokenizer.train_vocab_size}".encode())
     for f in files:
         st = f.stat()
@@ -104,6 +107,8 @@ def train_tokenizer(cfg, log=print):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
+    # iter_texts checks every record's format as it reads, and raises on data with no text, before
+    # anything is cached; its DataError passes through the trainer (tested)
     tok.train_from_iterator(iter_texts(cfg, TOKENIZER_TRAIN_BYTES), trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     fast.add_special_tokens({"additional_special_tokens": specials[1:]})

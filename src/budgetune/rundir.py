@@ -81,6 +81,8 @@ class RunDir:
             previous = self.path.with_name(f".{self.path.name}.replaced-{os.getpid()}")
             shutil.rmtree(previous, ignore_errors=True)
             os.replace(self.path, previous)
+        # the folders mkdir creates above the run's own (runs/ of runs/run): discard() removes them again
+        object.__setattr__(self, "_made_parents", [p for p in self.path.parents if not p.exists()])
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             if not resume:
@@ -113,6 +115,16 @@ class RunDir:
 
     def finished(self) -> bool:
         return self.summary.exists()
+
+    def discard(self) -> None:
+        """Remove the run folder of a run that failed before it got under way, and the parent
+        folders prepare() created for it when they are left empty (no empty runs/ behind)."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        for parent in getattr(self, "_made_parents", []):  # nearest first
+            try:
+                parent.rmdir()
+            except OSError:  # not empty (another run is in it) or already gone
+                break
 
     def read_summary(self) -> dict:
         if not self.summary.exists():

@@ -42,6 +42,7 @@ from .models import count_parameters, load_model, load_tokenizer
 from .optim import build_optimizer, updates_in_backward
 from .plan import flops_per_token, matmul_parameters
 from .plan.search import plan_for_training
+from .plan.throughput import SpeedCalibration
 from .report import report
 from .rundir import RunDir
 from .schedules import lr_multiplier
@@ -88,7 +89,7 @@ def train(config: str | Path | dict | Config | None = None, overrides=None, *, r
         # bad config or data found after the folder was made, or a failure before the run got under
         # way: leave nothing behind, and put back the run --overwrite was replacing
         if main and not resume and (isinstance(e, BudgetuneError) or (previous is not None and previous.exists())):
-            shutil.rmtree(run_dir.path, ignore_errors=True)
+            run_dir.discard()  # and the empty parent folders it made
             if previous is not None and previous.exists():
                 os.replace(previous, run_dir.path)
         raise
@@ -144,6 +145,7 @@ class Run:
     prediction: dict | None
     started_at: float
     show: bool = True  # progress bar and log lines (the main process, unless quiet)
+    speed: SpeedCalibration | None = None  # the tokens/s prediction, calibrated from the first steps
     eval_rows: object = None
     fast_forward: FastForward | None = None
     loss_before: float = math.nan
@@ -326,7 +328,7 @@ def setup(cfg: Config, run_dir: RunDir, accelerator, resume: bool, extend: bool,
                                                                   guess_s=12 * trainable / 200e6 + 0.05),
               metrics=MetricsLog(run_dir.metrics if main else None, tracker=accelerator.log if cfg.tracking else None),
               bad=BadSteps(cfg.train.max_bad_steps), say=log, fpt=fpt, trainable=trainable, total=total,
-              prediction=prediction, started_at=started_at, show=show, eval_rows=data.eval)
+              prediction=prediction, started_at=started_at, show=show, speed=SpeedCalibration(prediction), eval_rows=data.eval)
     state = {}
     if latest is not None:
         state = load_checkpoint(latest, method.saved_parameters(run.raw_model), run.optimizer)
@@ -468,6 +470,8 @@ def _after_step(run: Run, result: steps.StepResult, bar: TrainProgress) -> None:
     clock = run.clock
     tokens_per_s = result.tokens / max(run.step_seconds[-1], 1e-9)
     run.step_rates.append(tokens_per_s)
+    if note := run.speed.record(tokens_per_s):
+        run.say(note)
     if result.fast_forward is not None:
         run.metrics.write(event="fast_forward", step=clock.steps, repeats=result.fast_forward[0], ff_loss=result.fast_forward[1])
     run.metrics.write(step=clock.steps, tokens=clock.tokens, seconds=round(clock.elapsed(), 3), progress=round(clock.progress(), 5),
@@ -545,7 +549,7 @@ def finish(run: Run) -> dict:
         "parameters": run.total,
         "trainable_parameters": run.trainable,
         "peak_memory_mb": round(peak_memory_bytes(run.device) / 2**20, 1),
-        "predicted": run.prediction,  # the planner's numbers for this recipe, before the run
+        "predicted": run.speed.annotate(run.prediction),  # the planner's numbers for this recipe, each tokens/s labelled
         "recipe": {"method": cfg.method.name, "micro_batch": run.sampler.micro_batch, "grad_accum": run.accum,
                    "gradient_checkpointing": cfg.model.gradient_checkpointing, "lr": cfg.optim.lr,
                    "batch_tokens": run.sampler.micro_batch * run.accum * run.world * cfg.data.seq_len},
@@ -568,8 +572,9 @@ def finish(run: Run) -> dict:
                 + f": {clock.steps} steps, {format_count(clock.tokens)} tokens, eval loss {run.loss_before:.4f} → {loss_after:.4f}; "
                 f"run folder {run.dir.path}")
         if run.prediction:
-            run.say(f"planner: peak memory {run.prediction['peak_memory_mb']:.0f} MB predicted, {summary['peak_memory_mb']:.0f} MB measured; "
-                    f"{run.prediction['tokens_per_s']:,.0f} tokens/s predicted, {summary['train_tokens_per_s_median'] or 0:,.0f} measured (median step)")
+            run.say(f"planner: peak memory {run.prediction['peak_memory_mb']:.0f} MB predicted "
+                    f"({run.prediction.get('peak_memory_basis', 'live tensors')}), {summary['peak_memory_mb']:.0f} MB measured (peak RSS); "
+                    + run.speed.describe(summary["train_tokens_per_s_median"]))
     if cfg.tracking:
         run.accelerator.end_training()
     run.accelerator.wait_for_everyone()

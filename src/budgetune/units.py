@@ -1,11 +1,13 @@
-"""Parsing human quantities: durations (`90s`, `10m`, `2h`), counts (`5M`, `1.5e9`), sizes (`24GB`)."""
+"""Parsing human quantities: durations (`90s`, `10m`, `1h30m`), counts (`5M`, `1.5e9`), sizes (`24GB`)."""
 
 from __future__ import annotations
 
 import math
 import re
 
-_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*(ms|s|sec|m|min|h|hr|d)?\s*$", re.I)
+_DURATION = re.compile(r"^\s*([+-]?[0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*(ms|s|sec|m|min|h|hr|d)?\s*$", re.I)
+# one part of a compound duration such as 1h30m or 2h 15m 10s (each part has a unit)
+_DURATION_PART = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(ms|sec|s|min|m|hr|h|d)", re.I)
 _SECONDS = {None: 1.0, "ms": 1e-3, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hr": 3600.0, "d": 86400.0}
 _COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*([kmgbt])?\s*$", re.I)
 _SCALE = {None: 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9, "t": 10**12}
@@ -27,8 +29,22 @@ def _parse(value: str | float | int, pattern: re.Pattern, scales: dict, what: st
 
 
 def parse_duration(value: str | float | int) -> float:
-    """Seconds from `90`, `90s`, `1.5m`, `2h`. Raises ValueError on anything else."""
-    return _parse(value, _DURATION, _SECONDS, "duration", "90s, 10m, 2h")
+    """Seconds from `90`, `90s`, `1.5m`, `2h`, `1h30m`. Raises ValueError on anything else.
+
+    A sign is read, so `-5m` is -300 and the caller's range check can say what is wrong with it."""
+    if isinstance(value, str) and not _DURATION.match(value):
+        text = value.strip()
+        sign = -1.0 if text.startswith("-") else 1.0
+        text = text.lstrip("+-")
+        parts, end = [], 0
+        for match in _DURATION_PART.finditer(text):
+            if match.start() != end:
+                break
+            parts.append(match.groups())
+            end = match.end()
+        if len(parts) > 1 and not text[end:].strip():
+            return sign * sum(float(n) * _SECONDS[u.lower()] for n, u in parts)
+    return _parse(value, _DURATION, _SECONDS, "duration", "90s, 10m, 1h30m")
 
 
 def parse_count(value: str | float | int) -> float:

@@ -163,6 +163,18 @@ BAD_CHAT_LINES = {
     "content-surrogate": (b'{"messages": [{"role": "user", "content": "\\udfff"}, {"role": "assistant", "content": "y"}]}', "lone surrogate"),
 }
 
+SHAREGPT_OK = jl(*({"conversations": [{"from": "human", "value": f"hi {i}"}, {"from": "gpt", "value": f"hello {i}"}]} for i in range(5)))
+BAD_SHAREGPT_LINES = {
+    "unknown-role": (b'{"conversations": [{"from": "person", "value": "x"}, {"from": "gpt", "value": "y"}]}',
+                     "unknown role 'person' (use one of assistant, system, tool, user, or map it with data.roles"),
+    "turn-without-value": (b'{"conversations": [{"from": "human"}, {"from": "gpt", "value": "y"}]}', "turn 0 of 'conversations'"),
+}
+ALPACA_OK = jl(*({"instruction": f"Add {i} and {i}.", "input": "", "output": f"{2 * i}"} for i in range(5)))
+BAD_ALPACA_LINES = {
+    "empty-output": (b'{"instruction": "q", "input": "", "output": ""}', "empty 'output'"),
+    "input-int": (b'{"instruction": "q", "input": 3, "output": "a"}', "field 'input' must be a string"),
+}
+
 FILE_CASES = [
     Case("empty-file", {"train.jsonl": b""}, ["{d}/train.jsonl", "no examples found"]),
     Case("blank-lines-only", {"train.jsonl": b"\n  \n\t\n"}, ["{d}/train.jsonl", "no examples found"]),
@@ -195,6 +207,11 @@ CONFIG_CASES = [
     Case("section-not-mapping", {"train.jsonl": TEXT_OK}, ["'budget'"], args=["--budget", "[1, 2]"]),
     Case("negative-steps", {"train.jsonl": TEXT_OK}, ["'budget.steps'", "must be > 0"], args=["--budget.steps", "-3"]),
     Case("negative-time", {"train.jsonl": TEXT_OK}, ["'budget.time'"], args=["--budget.time", "-5s"]),
+    Case("negative-minutes", {"train.jsonl": TEXT_OK}, ["'budget.time'", "must be > 0, got -300"], args=["--budget.time", "-5m"]),
+    Case("negative-eval-every", {"train.jsonl": TEXT_OK}, ["'eval.every'", "must be > 0"], args=["--eval.every", "-5m"]),
+    Case("bad-role-mapping", {"train.jsonl": SHAREGPT_OK}, ["'data.roles.bot'"], args=["--data.roles", "{bot: robot}"]),
+    # the run folder's parents that the failed run created go too: no empty runs/ left behind
+    Case("bad-data-new-parent-folders", {"train.jsonl": TEXT_OK + b"{}\n"}, ["{d}/train.jsonl:6:"], args=["--output.dir", "{d}/runs/a/run"]),
     Case("nan-lr", {"train.jsonl": TEXT_OK}, ["'optim.lr'", "finite"], args=["--optim.lr", ".nan"]),
     Case("infinite-time", {"train.jsonl": TEXT_OK}, ["'budget.time'", "finite"], args=["--budget.time", ".inf"]),
     Case("list-as-method-name", {"train.jsonl": TEXT_OK}, ["'method.name'"], args=["--method.name", "[a]"]),
@@ -225,6 +242,8 @@ CASES = (
     bad_line_cases("text", TEXT_OK, BAD_TEXT_LINES)
     + bad_line_cases("pc", PC_OK, BAD_PC_LINES)
     + bad_line_cases("chat", CHAT_OK, BAD_CHAT_LINES)
+    + bad_line_cases("sharegpt", SHAREGPT_OK, BAD_SHAREGPT_LINES)
+    + bad_line_cases("alpaca", ALPACA_OK, BAD_ALPACA_LINES)
     + FILE_CASES
     + CONFIG_CASES
 )
@@ -450,6 +469,14 @@ def test_tokenizer_without_chat_template_gets_chatml_and_says_so(tmp_path, token
     own.chat_template = DEFAULT_CHAT_TEMPLATE.replace("<|im_start|>", "<|im_start|> ")  # a template of its own
     logs.clear()
     prepare_data(cfg, own, log=logs.append)
+    assert not any("ChatML" in m for m in logs)
+    # a folder whose tokenizer carries this very template (a budgetune run's model/ does) has one: not "none"
+    loaded.save_pretrained(str(tmp_path / "from-a-run"))
+    cfg = load_config(cfg, {"tokenizer": {"name": str(tmp_path / "from-a-run")}})
+    again = load_tokenizer(cfg, log=lambda m: None)
+    assert again.chat_template == DEFAULT_CHAT_TEMPLATE
+    logs.clear()
+    prepare_data(cfg, again, log=logs.append)
     assert not any("ChatML" in m for m in logs)
 
 

@@ -15,6 +15,8 @@ from .dedup import dedup
 from .formats import DEFAULT_CHAT_TEMPLATE
 from .mixture import check_formats, concat, mix, shares, sources_of, token_lengths
 from .mixture import per_source as per_source_tokens
+
+CHAT_FORMATS = ("chat", "sharegpt", "alpaca")  # rendered with the tokenizer's chat template
 from .packing import IGNORE, Rows, build_rows, pack_examples
 from .select import select
 from .sources import Skipped, read_records, resolve
@@ -74,8 +76,10 @@ def prepare_data(cfg, tokenizer, seed: int = 0, log=print, model=None, budget_to
     dcfg = cfg.data
     budget_tokens = _asked_once(budget_tokens, run_dir)
     cache = dcfg.cache_dir
+    every = dcfg.format == "text"  # text: a folder's files of any suffix (binary ones left out, counted)
     sources = sources_of(dcfg)
-    sets = [tokenize_files(resolve(src.patterns, dcfg.max_files, src.key), tokenizer, src.cfg, cache, log=log) for src in sources]
+    sets = [tokenize_files(resolve(src.patterns, dcfg.max_files, src.key, every, log), tokenizer, src.cfg, cache, log=log)
+            for src in sources]
     fmt = check_formats(sets, sources)
     pool, source = concat(sets, fmt) if len(sets) > 1 else (sets[0], np.zeros(len(sets[0]), dtype=np.int64))
     dedup_info = None
@@ -86,7 +90,7 @@ def prepare_data(cfg, tokenizer, seed: int = 0, log=print, model=None, budget_to
         log(f"data.dedup {dcfg.dedup}: dropped {found.exact} exact and {found.near} near duplicate(s) of "
             f"{len(found.kept) + found.dropped} examples" + (f"; e.g. {found.examples[0]}" if found.examples else ""))
     if dcfg.eval:
-        eval_set = tokenize_files(resolve(dcfg.eval, key="data.eval"), tokenizer, dcfg, cache, log=log)
+        eval_set = tokenize_files(resolve(dcfg.eval, key="data.eval", all_files=every, log=log), tokenizer, dcfg, cache, log=log)
         sets.append(eval_set)
         train_idx = np.arange(len(pool))
     else:
@@ -113,7 +117,8 @@ def prepare_data(cfg, tokenizer, seed: int = 0, log=print, model=None, budget_to
     if per_source:
         log("data sources: " + "; ".join(f"{name}: {v['tokens']:,} tokens ({100 * v['share']:.0f}%, {v['epochs']:.2f} epochs)"
                                          for name, v in per_source.items()))
-    if train_set.format == "chat" and getattr(tokenizer, "chat_template", None) == DEFAULT_CHAT_TEMPLATE:
+    if (train_set.format in CHAT_FORMATS and getattr(tokenizer, "budgetune_default_template", False)
+            and getattr(tokenizer, "chat_template", None) == DEFAULT_CHAT_TEMPLATE):
         log("chat data rendered with budgetune's default ChatML template (the tokenizer has none); "
             "set tokenizer.chat_template to use another")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -183,20 +188,43 @@ def split_heldout(data: TokenizedSet, fraction: float, seed: int) -> tuple[Token
 
 
 def iter_texts(cfg, limit_bytes: int = 0) -> Iterator[str]:
-    """Raw text of the training data (for training a tokenizer), stopping after limit_bytes."""
-    seen = 0
+    """Raw text of the training data (for training a tokenizer), stopping after limit_bytes.
+
+    Each record's format is told first (data.format, or detected), so data no format can
+    read stop here, naming file:line, before any tokenizer is trained on them; so do data
+    without a single text."""
+    from .formats import FORMATS, detect_format
+    from .sources import bad
+
+    seen, files = 0, resolve(cfg.data.train, cfg.data.max_files, "data.train", all_files=cfg.data.format == "text")
     # bad records are reported (or counted) by tokenisation, which reads the same files again
     skipped = Skipped() if cfg.data.on_error == "skip" else None
-    for path in resolve(cfg.data.train, cfg.data.max_files, "data.train"):
-        for record, _ in read_records(path, cfg.data.text_field, skipped):
-            messages = record.get(cfg.data.messages_field)
-            contents = [m.get("content") for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
-            for text in [record.get(k) for k in (cfg.data.text_field, cfg.data.prompt_field, cfg.data.completion_field)] + contents:
-                if isinstance(text, str) and _is_text(text):
+    found = False
+    for path in files:
+        for record, where in read_records(path, cfg.data.text_field, skipped):
+            try:
+                if cfg.data.format == "auto":
+                    fmt = FORMATS[detect_format(record, where, cfg.data)]
+                else:
+                    fmt = FORMATS[cfg.data.format]
+                    if not fmt.detect(record, cfg.data):
+                        raise DataError(f"{where}: this record is {detect_format(record, where, cfg.data)} data, "
+                                        f"not {cfg.data.format} (data.format); set data.format to match the data")
+            except DataError as e:
+                bad(e, skipped)
+                continue
+            for text in fmt.texts(record, cfg.data):
+                if isinstance(text, str) and text.strip() and _is_text(text):
+                    found = True
                     yield text
                     seen += len(text)
             if limit_bytes and seen >= limit_bytes:
                 return
+    if not found:
+        names = ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
+        raise DataError(f"no examples found in {names}: no text to train a tokenizer on (the files are empty"
+                        + (f", or all {skipped.count} records were bad; the first: {skipped.reasons[0]}" if skipped and skipped.count else "")
+                        + ")")
 
 
 def _is_text(value: str) -> bool:

@@ -4,8 +4,15 @@
 - prompt_completion: `{"prompt", "completion"}`; loss on the completion only.
 - chat: `{"messages": [{"role", "content"}, ...]}` rendered with the tokenizer's chat
   template; loss on assistant turns only.
+- sharegpt: `{"conversations": [{"from", "value"}, ...]}` (roles human/gpt/system, mapped
+  to user/assistant/system; `data.roles` adds or overrides names), optional `"system"`;
+  read as chat.
+- alpaca: `{"instruction", "input", "output"}` (optional `"system"`, `"history"` of
+  [instruction, response] pairs): the user turn is the instruction, then the input; read
+  as chat, so the loss is on the output (and the history's responses).
 
-Adding a format is adding a class to FORMATS.
+Adding a format is adding a class to FORMATS: `detect(record, cfg)`, `encode(records,
+wheres, tokenizer, cfg)` and `texts(record, cfg)` (the strings a tokenizer is trained on).
 """
 
 from __future__ import annotations
@@ -26,6 +33,14 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 CHAT_ROLES = {"system", "user", "assistant", "tool"}
+# Role names of other tools' chat data, mapped onto CHAT_ROLES; data.roles adds to / overrides these
+DEFAULT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant",
+                 "tool": "tool", "observation": "tool"}
+
+
+def role_map(cfg) -> dict:
+    """Source role name → chat role: the defaults, then the user's data.roles."""
+    return {**DEFAULT_ROLES, **(getattr(cfg, "roles", None) or {})}
 
 
 def _with_eos(ids: list[int], tokenizer) -> list[int]:
@@ -69,6 +84,10 @@ class TextFormat:
         batch = tokenizer(texts, add_special_tokens=True)["input_ids"]
         return [(ids, [1] * len(ids)) for ids in (_with_eos(ids, tokenizer) for ids in batch)]
 
+    @staticmethod
+    def texts(record: dict, cfg) -> list:
+        return [record.get(cfg.text_field)]
+
 
 class PromptCompletionFormat:
     name = "prompt_completion"
@@ -89,6 +108,10 @@ class PromptCompletionFormat:
             out.append((p + c, [0] * len(p) + [1] * len(c)))
         return out
 
+    @staticmethod
+    def texts(record: dict, cfg) -> list:
+        return [record.get(cfg.prompt_field), record.get(cfg.completion_field)]
+
 
 class ChatFormat:
     name = "chat"
@@ -99,7 +122,54 @@ class ChatFormat:
 
     @staticmethod
     def encode(records: Sequence[dict], wheres: Sequence[str], tokenizer, cfg) -> list[Encoded]:
-        return [_encode_chat(r, w, tokenizer, cfg) for r, w in zip(records, wheres)]
+        return [_encode_messages(_chat_messages(r, w, cfg), w, tokenizer) for r, w in zip(records, wheres)]
+
+    @staticmethod
+    def texts(record: dict, cfg) -> list:
+        messages = record.get(cfg.messages_field)
+        return [m.get("content") for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
+
+
+class ShareGPTFormat:
+    """ShareGPT / LLaMA-Factory / Axolotl conversations: `from`/`value` turns (or `role`/`content`)."""
+
+    name = "sharegpt"
+
+    @staticmethod
+    def detect(record: dict, cfg) -> bool:
+        return cfg.conversations_field in record
+
+    @staticmethod
+    def encode(records: Sequence[dict], wheres: Sequence[str], tokenizer, cfg) -> list[Encoded]:
+        return [_encode_messages(_sharegpt_messages(r, w, cfg), w, tokenizer) for r, w in zip(records, wheres)]
+
+    @staticmethod
+    def texts(record: dict, cfg) -> list:
+        turns = record.get(cfg.conversations_field)
+        if not isinstance(turns, list):
+            return []
+        return [record.get("system")] + [t.get("value", t.get("content")) for t in turns if isinstance(t, dict)]
+
+
+class AlpacaFormat:
+    """Alpaca instructions: `instruction`, optional `input`, `output` (optional `system`, `history`)."""
+
+    name = "alpaca"
+
+    @staticmethod
+    def detect(record: dict, cfg) -> bool:
+        return cfg.instruction_field in record and cfg.output_field in record
+
+    @staticmethod
+    def encode(records: Sequence[dict], wheres: Sequence[str], tokenizer, cfg) -> list[Encoded]:
+        return [_encode_messages(_alpaca_messages(r, w, cfg), w, tokenizer) for r, w in zip(records, wheres)]
+
+    @staticmethod
+    def texts(record: dict, cfg) -> list:
+        history = record.get("history")
+        pairs = [x for pair in history if isinstance(pair, list) for x in pair] if isinstance(history, list) else []
+        return [record.get("system"), *pairs, record.get(cfg.instruction_field), record.get(cfg.input_field),
+                record.get(cfg.output_field)]
 
 
 def _render(tokenizer, messages, add_generation_prompt: bool, where: str) -> str:
@@ -115,21 +185,79 @@ def _render(tokenizer, messages, add_generation_prompt: bool, where: str) -> str
                         "or set tokenizer.chat_template to a template that accepts it") from None
 
 
-def _encode_chat(record: dict, where: str, tokenizer, cfg) -> Encoded:
+def _chat_messages(record: dict, where: str, cfg) -> list[dict]:
+    """The `messages` list of a chat record, checked, with data.roles applied."""
+    messages = record.get(cfg.messages_field)
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: '{cfg.messages_field}' must be a non-empty list of {{role, content}} objects")
+    roles = role_map(cfg)
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            hint = (f"; it has 'from'/'value' (ShareGPT): set data.format: sharegpt and data.conversations_field: "
+                    f"{cfg.messages_field}") if isinstance(m, dict) and "from" in m and "value" in m else ""
+            raise DataError(f"{where}: message {i} must be an object with string 'role' and 'content'{hint}")
+        out.append({**m, "role": _chat_role(m["role"], roles, where, i)})
+    return out
+
+
+def _chat_role(name: str, roles: dict, where: str, i: int) -> str:
+    role = roles.get(name, name)
+    if role not in CHAT_ROLES:
+        raise DataError(f"{where}: message {i} has unknown role {name!r} (use one of {', '.join(sorted(CHAT_ROLES))}, "
+                        f"or map it with data.roles, e.g. data.roles: {{{name}: assistant}})")
+    return role
+
+
+def _sharegpt_messages(record: dict, where: str, cfg) -> list[dict]:
+    field = cfg.conversations_field
+    turns = record.get(field)
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: '{field}' must be a non-empty list of {{from, value}} objects")
+    roles = role_map(cfg)
+    messages = []
+    system = record.get("system")
+    if system is not None:
+        if not isinstance(system, str):
+            raise DataError(f"{where}: field 'system' must be a string, got {type(system).__name__}")
+        if system.strip():
+            messages.append({"role": "system", "content": system})
+    for i, turn in enumerate(turns):
+        name, value = (turn.get("from"), turn.get("value")) if isinstance(turn, dict) and "from" in turn else (
+            (turn.get("role"), turn.get("content")) if isinstance(turn, dict) else (None, None))
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise DataError(f"{where}: turn {i} of '{field}' must be an object with string 'from' and 'value'")
+        messages.append({"role": _chat_role(name, roles, where, i), "content": value})
+    return messages
+
+
+def _alpaca_messages(record: dict, where: str, cfg) -> list[dict]:
+    instruction = _field(record, cfg.instruction_field, where, "alpaca", required=True)
+    extra = _field(record, cfg.input_field, where, "alpaca") if record.get(cfg.input_field) is not None else ""
+    output = _field(record, cfg.output_field, where, "alpaca", required=True)
+    messages = []
+    if record.get("system") is not None:
+        system = _field(record, "system", where, "alpaca")
+        if system.strip():
+            messages.append({"role": "system", "content": system})
+    history = record.get("history") or []
+    if not isinstance(history, list) or not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p)
+                                                for p in history):
+        raise DataError(f"{where}: field 'history' must be a list of [instruction, response] string pairs")
+    for question, answer in history:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    user = instruction + ("\n\n" + extra if extra.strip() else "")
+    return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+def _encode_messages(messages: list[dict], where: str, tokenizer) -> Encoded:
     """Render the whole conversation once; mark the characters each assistant turn adds.
 
     The assistant span of turn i runs from where its content starts (after the role
     header) to the end of render(messages[:i+1]): the reply and its end-of-turn marker. Token labels come from the tokenizer's offsets, so the
     mask is exact even where BPE merges across a boundary.
     """
-    messages = record.get(cfg.messages_field)
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: '{cfg.messages_field}' must be a non-empty list of {{role, content}} objects")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: message {i} must be an object with string 'role' and 'content'")
-        if m["role"] not in CHAT_ROLES:
-            raise DataError(f"{where}: message {i} has unknown role {m['role']!r} (use one of {', '.join(sorted(CHAT_ROLES))})")
         _text(m["content"], where, f"message {i}")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: no assistant message — nothing to learn from this conversation")
@@ -159,15 +287,18 @@ def _encode_chat(record: dict, where: str, tokenizer, cfg) -> Encoded:
     return list(ids), mask.tolist()
 
 
-FORMATS = {f.name: f for f in (ChatFormat, PromptCompletionFormat, TextFormat)}
+# In the order `auto` tries them: conversations first, text last (chat and instruction
+# records may also carry a 'text' field). Each is told apart by fields the others lack.
+FORMATS = {f.name: f for f in (ChatFormat, ShareGPTFormat, PromptCompletionFormat, AlpacaFormat, TextFormat)}
 
 
 def detect_format(record: dict, where: str, cfg) -> str:
-    for name, fmt in FORMATS.items():  # chat first: chat records may also carry a 'text' field
+    for name, fmt in FORMATS.items():
         if fmt.detect(record, cfg):
             return name
     raise DataError(
         f"{where}: cannot tell the data format from fields {sorted(map(str, record))}; expected "
-        f"'{cfg.text_field}', '{cfg.prompt_field}'+'{cfg.completion_field}', or '{cfg.messages_field}' "
+        f"'{cfg.text_field}', '{cfg.prompt_field}'+'{cfg.completion_field}', '{cfg.messages_field}' (chat), "
+        f"'{cfg.conversations_field}' (sharegpt) or '{cfg.instruction_field}'+'{cfg.output_field}' (alpaca) "
         "(or set data.format and the data.*_field keys)"
     )

@@ -60,10 +60,13 @@ def is_datasets_folder(path: Path) -> bool:
     return path.is_dir() and any((path / m).exists() for m in DATASET_MARKERS)
 
 
-def resolve(patterns: list[str], max_files: int = 0, key: str = "data.train") -> list[Path]:
+def resolve(patterns: list[str], max_files: int = 0, key: str = "data.train", all_files: bool = False, log=None) -> list[Path]:
     """Files (or `datasets` folders) named by paths, folders and globs, in a stable order.
 
     `key` is the config key the patterns came from, so a wrong path is reported against it.
+    A folder gives its files with a suffix we read (READABLE_SUFFIXES) or, with `all_files`
+    (data.format: text), every file that is not binary. What a folder's walk leaves out is
+    counted and named — through `log`, or in the error when nothing is left.
     """
     found: list[Path] = []
     patterns = [p for raw in patterns for p in (raw.path if hasattr(raw, "path") else [raw])]  # mixture sources: their paths
@@ -81,14 +84,61 @@ def resolve(patterns: list[str], max_files: int = 0, key: str = "data.train") ->
         if path.is_file() or is_datasets_folder(path):
             found.append(path)
             continue
-        readable = TEXT_SUFFIXES | JSONL_SUFFIXES | PARQUET_SUFFIXES
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in readable)
+        files, left_out = _folder_files(path, all_files)
         if not files:
-            raise DataError(f"config key '{key}': data folder {raw!r} has no readable files ({', '.join(sorted(readable))})")
+            if all_files:
+                raise DataError(f"config key '{key}': data folder {raw!r} has no text files: {_describe(left_out)}")
+            raise DataError(f"config key '{key}': data folder {raw!r} has no readable files: {_describe(left_out)}, none with "
+                            f"a suffix budgetune reads ({', '.join(sorted(READABLE_SUFFIXES))}). {_how_to_read(raw)}")
+        if left_out and log is not None:
+            log(f"{key} {raw}: reading {len(files)} files, left out {_describe(left_out)}"
+                + ("" if all_files else f". {_how_to_read(raw)}"))
         found.extend(files)
     if max_files and len(found) > max_files:
         found = found[:max_files]
     return found
+
+
+READABLE_SUFFIXES = TEXT_SUFFIXES | JSONL_SUFFIXES | PARQUET_SUFFIXES
+
+
+def _folder_files(path: Path, all_files: bool) -> tuple[list[Path], dict[str, list[Path]]]:
+    """(files read, {reason: files left out}) of a folder's walk."""
+    files, left_out = [], {}
+    for p in sorted(p for p in path.rglob("*") if p.is_file()):
+        suffix = p.suffix.lower()
+        if suffix in READABLE_SUFFIXES:
+            files.append(p)
+        elif not all_files:
+            left_out.setdefault(f"suffix {suffix}" if suffix else "no suffix", []).append(p)
+        elif _looks_binary(p):
+            left_out.setdefault("binary", []).append(p)
+        else:
+            files.append(p)
+    return files, left_out
+
+
+def _looks_binary(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return b"\x00" in f.read(SNIFF_BYTES)
+    except OSError:
+        return True
+
+
+def _describe(left_out: dict[str, list[Path]], shown: int = 3) -> str:
+    """'108 files (suffix .gz: 80, no suffix: 28; e.g. a, b, c)'."""
+    count = sum(len(v) for v in left_out.values())
+    groups = sorted(left_out.items(), key=lambda kv: -len(kv[1]))
+    kinds = ", ".join(f"{reason}: {len(paths)}" for reason, paths in groups[:6]) + (", ..." if len(groups) > 6 else "")
+    first = [str(p) for _, paths in groups for p in paths][:shown]  # the largest group's first
+    examples = ", ".join(first) + (", ..." if count > shown else "")
+    return f"{count} file{'s' if count != 1 else ''} ({kinds}; e.g. {examples})"
+
+
+def _how_to_read(raw: str) -> str:
+    return (f"To read such files as plain text, set data.format: text (binary files are then left out, counted) "
+            f"or name them with a glob, e.g. '{raw.rstrip('/')}/**/*'")
 
 
 def read_records(path: Path, text_field: str = "text", skipped: Skipped | None = None) -> Iterator[tuple[dict, str]]:
@@ -154,7 +204,9 @@ def parse_json_line(raw: bytes, where: str) -> dict:
     except UnicodeDecodeError:
         raise DataError(f"{where}: not valid UTF-8 (a binary or UTF-16 file?); re-encode the file as UTF-8") from None
     except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object") from None
+        # json's messages can end in "at" ("Unterminated string starting at"): no second "at" then
+        at = " " if e.msg.endswith(" at") else " at "
+        raise DataError(f"{where}: not valid JSON ({e.msg}{at}column {e.colno}); each line must be one JSON object") from None
     except ValueError as e:  # JSON that Python refuses: an integer of more than 4300 digits
         raise DataError(f"{where}: not usable JSON ({str(e).split(';')[0]}); fix or remove this line") from None
     except RecursionError:

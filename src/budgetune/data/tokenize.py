@@ -76,7 +76,9 @@ def _cache_key(files: list[Path], tokenizer, cfg) -> str:
         st = f.stat()
         h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
     h.update(tokenizer_fingerprint(tokenizer).encode())
-    h.update(repr((cfg.format, cfg.text_field, cfg.prompt_field, cfg.completion_field, cfg.messages_field, cfg.on_error)).encode())
+    h.update(repr((cfg.format, cfg.text_field, cfg.prompt_field, cfg.completion_field, cfg.messages_field, cfg.on_error,
+                   cfg.conversations_field, cfg.instruction_field, cfg.input_field, cfg.output_field,
+                   sorted((str(k), str(v)) for k, v in cfg.roles.items()))).encode())
     return h.hexdigest()[:24]
 
 

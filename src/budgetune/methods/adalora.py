@@ -14,7 +14,10 @@ sensitivity × uncertainty) and the cubic budget schedule. Ours is the wiring:
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -74,6 +77,10 @@ class AdaLora(PeftTuner):
     def _tuner(model):
         return model.base_model
 
+    def save_pretrained(self, model, path: Path) -> None:
+        with unsharded_save():
+            super().save_pretrained(model, path)
+
     def after_update(self, model, opts, progress: float) -> None:
         tuner = self._tuner(model)
         config = tuner.peft_config[tuner.trainable_adapter_name]
@@ -119,3 +126,20 @@ class AdaLora(PeftTuner):
             getattr(allocator, kind)[name] = t.to(next(model.parameters()).device)
         model._adalora_final = info.get("final", False)
         tuner.peft_config[tuner.trainable_adapter_name].rank_pattern = info.get("rank_pattern")
+
+
+# peft warns on any zero-sized lora_A / lora_B that it saves: under ZeRO-3 / FSDP a sign of shards
+# not gathered, but AdaLoRA's final allocation legitimately prunes some matrices to rank 0
+_NOT_GATHERED = r".*DeepSpeed ZeRO-3 / FSDP shards were not gathered"
+
+
+@contextlib.contextmanager
+def unsharded_save():
+    """Silence peft's "shards were not gathered" warning where no shard exists: a single
+    process holds every parameter whole. With several processes the warning stays."""
+    import torch.distributed as dist
+
+    with warnings.catch_warnings():
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            warnings.filterwarnings("ignore", message=_NOT_GATHERED)
+        yield

@@ -19,10 +19,10 @@ import torch
 
 from ..optim import updates_in_backward
 from ..units import format_bytes, format_count, parse_bytes, parse_count, parse_duration
-from .batch import BatchChoice, choose_batch, rows_from_batch_tokens
-from .memory import MemoryEstimate, estimate_memory
-from .recipe import Recipe, prepare_method
 from ..budget import Budget
+from .batch import BatchChoice, choose_batch, rows_from_batch_tokens
+from .memory import MemoryEstimate, allocator_basis, estimate_memory, with_allocator
+from .recipe import Recipe, prepare_method
 from .scaling import ScratchProposal, propose_scratch
 from .throughput import device_flops_guess, probe, step_flops_per_token
 
@@ -128,7 +128,7 @@ def estimate_unique_tokens(cfg) -> float | None:
     from ..data.sources import resolve
 
     try:
-        files = resolve(cfg.data.train, cfg.data.max_files)
+        files = resolve(cfg.data.train, cfg.data.max_files, all_files=cfg.data.format == "text")
     except Exception:  # planning a config whose data is not on this machine is allowed
         return None
     size = sum(f.stat().st_size if f.is_file() else sum(p.stat().st_size for p in Path(f).rglob("*") if p.is_file()) for f in files)
@@ -250,7 +250,7 @@ def make_plan(cfg, probe_steps: int | None = None, log=print, measure_batch_spee
             if recipe.method not in counts:
                 counts[recipe.method] = parameter_counts(config, recipe)
             total, n_matmul, n_trainable = counts[recipe.method]
-            memory = estimate_memory(config, recipe, device.type)
+            memory = with_allocator(estimate_memory(config, recipe, device.type), recipe, device.type)  # what RSS will show
             fpt = step_flops_per_token(config, recipe, n_matmul, n_trainable)
             c = Candidate(recipe, memory, memory.trainable, fpt, achieved / fpt)
             if memory.total > memory_budget:
@@ -399,5 +399,7 @@ def plan_for_training(cfg, log=print):
     if match is not None:
         prediction = {"peak_memory_mb": round(match.memory.total / 2**20, 1), "tokens_per_s": round(match.tokens_per_s, 1),
                       "measured_tokens_per_s": round(plan.measured_tokens_per_s, 1) if plan.measured_tokens_per_s else None,
-                      "fits": match.fits, "memory_terms_mb": {k: round(v / 2**20, 1) for k, v in match.memory.terms.items()}}
+                      "tokens_per_s_basis": "probed" if match.probed else "device guess, uncalibrated",
+                      "fits": match.fits, "memory_terms_mb": {k: round(v / 2**20, 1) for k, v in match.memory.terms.items()},
+                      "peak_memory_basis": allocator_basis(match.memory) if match.memory.terms.get("allocator") else "live tensors"}
     return cfg, prediction

@@ -8,6 +8,7 @@ the matmuls and would change the weights).
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -47,8 +48,17 @@ class ProbeResult:
     seconds_per_micro_batch: float
 
 
+WARMUP_MAX = 6  # untimed passes at most before timing starts
+WARMUP_SETTLED = 0.9  # warm once a pass is no more than 10% faster than the one before
+
+
 def probe(model, recipe: Recipe, fpt: float, steps: int = 2, device: torch.device | None = None) -> ProbeResult:
-    """Time `steps` forward+backward passes of one micro-batch (after one warm-up pass)."""
+    """Time `steps` forward+backward passes of one micro-batch, once the passes have warmed up.
+
+    The first passes of a process are slow — thread pools, kernel selection, and the allocator
+    growing its heap (measured: the first candidate of a plan probed at 645 tokens/s after one
+    warm-up pass, the others at 2.9–3.2 k). So untimed passes run until one is no more than
+    10% faster than the one before (at least 2, at most WARMUP_MAX)."""
     from ..evaluate import token_losses
 
     device = device or next(model.parameters()).device
@@ -62,10 +72,8 @@ def probe(model, recipe: Recipe, fpt: float, steps: int = 2, device: torch.devic
     batch = {"input_ids": ids, "labels": ids.clone()}
     if recipe.packed:
         batch["position_ids"] = positions
-    was_training = model.training
-    model.train()
-    timings = []
-    for i in range(steps + 1):
+
+    def one_pass() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t = time.perf_counter()
@@ -73,10 +81,68 @@ def probe(model, recipe: Recipe, fpt: float, steps: int = 2, device: torch.devic
         loss.backward()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if i:
-            timings.append(time.perf_counter() - t)
+        return time.perf_counter() - t
+
+    was_training = model.training
+    model.train()
+    timings = timed_after_warmup(one_pass, steps)
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     seconds = min(timings)
     tokens_per_s = recipe.micro_batch * recipe.seq_len / seconds
     return ProbeResult(tokens_per_s, tokens_per_s * fpt, seconds)
+
+
+def timed_after_warmup(one_pass, steps: int) -> list[float]:
+    """Durations of `steps` calls of `one_pass` (which returns its own duration), made once
+    the calls have stopped getting faster: after at least 2 and at most WARMUP_MAX untimed ones."""
+    previous = one_pass()
+    for _ in range(WARMUP_MAX - 1):
+        current = one_pass()
+        if current > WARMUP_SETTLED * previous:
+            break
+        previous = current
+    return [one_pass() for _ in range(steps)]
+
+
+class SpeedCalibration:
+    """`train`'s tokens/s prediction, calibrated from the run's own first steps.
+
+    Before the run the planner has only a device guess (`basis` says which). The first step
+    is warm-up and not counted; the median of the next CALIBRATION_STEPS steps replaces the
+    guess as the run's prediction. The log, summary.json["predicted"] and the final line name
+    each number: the guess, the calibrated value and the measured median of all steps."""
+
+    CALIBRATION_STEPS = 3
+
+    def __init__(self, prediction: dict | None):
+        self.guess = prediction.get("tokens_per_s") if prediction else None
+        self.basis = (prediction or {}).get("tokens_per_s_basis", "device guess, uncalibrated")
+        self.rates: list[float] = []
+        self.calibrated: float | None = None
+
+    def record(self, tokens_per_s: float) -> str | None:
+        """Count one optimizer step's speed; a message once the prediction is calibrated."""
+        self.rates.append(tokens_per_s)
+        if self.calibrated is not None or len(self.rates) < 1 + self.CALIBRATION_STEPS:
+            return None
+        self.calibrated = statistics.median(self.rates[1:])
+        guess = f" (the planner's {self.basis}: {self.guess:,.0f}, {self.calibrated / self.guess:.2f}× that)" if self.guess else ""
+        return f"speed: {self.calibrated:,.0f} tokens/s calibrated from steps 2–{1 + self.CALIBRATION_STEPS}{guess}"
+
+    def annotate(self, prediction: dict | None) -> dict | None:
+        """The prediction for summary.json, each tokens/s number labelled."""
+        if prediction is None:
+            return None
+        out = dict(prediction)
+        out["tokens_per_s_basis"] = self.basis
+        if self.calibrated is None and len(self.rates) > 1:  # a short run: calibrate from what there is
+            self.calibrated = statistics.median(self.rates[1:])
+        out["tokens_per_s_calibrated"] = round(self.calibrated, 1) if self.calibrated is not None else None
+        out["tokens_per_s_calibrated_from"] = f"median of steps 2–{len(self.rates[: 1 + self.CALIBRATION_STEPS])}" if self.calibrated else None
+        return out
+
+    def describe(self, measured_median: float | None) -> str:
+        calibrated = f", {self.calibrated:,.0f} calibrated from the first steps" if self.calibrated else ""
+        return (f"{self.guess:,.0f} tokens/s predicted ({self.basis}){calibrated}, "
+                f"{measured_median or 0:,.0f} measured (median step)")
