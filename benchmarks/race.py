@@ -252,13 +252,17 @@ def race(work: Path, name: str, seconds: float, seed: int, lr: float, peers: lis
     in_process("warm", {"config": {**cfg, "budget": {"time": f"{seconds}s"}, "output": {"dir": str(work / "unused")}}})
     out = []
     for kind in ["budgetune", "budgetune_half"] + (peers or PEERS[name]):
-        if kind.startswith("budgetune"):
-            t = seconds / 2 if kind == "budgetune_half" else seconds
-            result = in_process("budgetune", {"config": {**cfg, "budget": {"time": f"{t}s"},
-                                                         "output": {"dir": str(work / "runs" / f"{name}-{seed}-{kind}"), "overwrite": True}}})
-        else:
-            result = in_process("peer", {"config": {**cfg, "budget": {"time": f"{seconds}s"}, "output": {"dir": str(work / "unused")}}, "kind": kind,
-                                         "seconds": seconds, "seed": seed})
+        try:
+            if kind.startswith("budgetune"):
+                t = seconds / 2 if kind == "budgetune_half" else seconds
+                result = in_process("budgetune", {"config": {**cfg, "budget": {"time": f"{t}s"},
+                                                             "output": {"dir": str(work / "runs" / f"{name}-{seed}-{kind}"), "overwrite": True}}})
+            else:
+                result = in_process("peer", {"config": {**cfg, "budget": {"time": f"{seconds}s"}, "output": {"dir": str(work / "unused")}},
+                                             "kind": kind, "seconds": seconds, "seed": seed})
+        except RuntimeError as e:  # a contestant that fails is reported as failed, and the race goes on
+            result = {"failed": str(e).strip().splitlines()[-1][:300], "eval_loss": float("inf"), "steps": 0, "tokens_per_s": 0,
+                      "tokens_per_step": 0, "recipe": {"micro_batch": 0, "grad_accum": 0}, "lr": 0, "evals": []}
         out.append({"race": name, "seed": seed, "seconds": seconds, "contestant": kind, **result})
         print(json.dumps(out[-1]), flush=True)
     best_peer = min(out[2:], key=lambda r: r["eval_loss"])
@@ -283,8 +287,11 @@ def batch_sweep(work: Path, name: str, seconds: float, lr: float, batches: list[
 def table(rows: list[dict]) -> str:
     lines = ["| race | seed | contestant | steps | tokens/step | tokens/s | held-out loss |", "|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "failed" in r:
+            lines.append(f"| {r['race']} ({r['seconds']:.0f} s) | {r['seed']} | {NAMES[r['contestant']]} | failed: {r['failed']} | | | |")
+            continue
         lines.append(f"| {r['race']} ({r['seconds']:.0f} s) | {r['seed']} | {NAMES[r['contestant']]} | {r['steps']} | "
-                     f"{r['tokens_per_step']:,.0f} | {r['tokens_per_s']:,.0f} | {r['eval_loss']:.3f} |")
+                     f"{r['tokens_per_step']:,.0f} | {r['tokens_per_s'] or 0:,.0f} | {r['eval_loss']:.3f} |")
     return "\n".join(lines)
 
 

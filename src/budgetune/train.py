@@ -149,7 +149,7 @@ class Run:
     eval_rows: object = None
     fast_forward: FastForward | None = None
     loss_before: float = math.nan
-    eval_costs: list[float] = field(default_factory=list)
+    eval_costs: list[tuple[float, float | None]] = field(default_factory=list)  # (seconds, training tokens/s at the time)
     step_seconds: list[float] = field(default_factory=list)  # wall-clock of each optimizer step
     step_rates: list[float] = field(default_factory=list)  # tokens/s of each optimizer step
     last: steps.StepResult | None = None
@@ -205,14 +205,28 @@ class Run:
         t = time.monotonic()
         loss = heldout_loss(self.model, self.eval_rows, self.cfg.train.micro_batch, self.cfg.eval.max_tokens,
                             self.device, self.world, self.accelerator.process_index, self.reduce_sum)
-        self.eval_costs.append(time.monotonic() - t)
+        self.eval_costs.append((time.monotonic() - t, self.recent_rate()))
         self.update_reserve()
         self.metrics.write(event="eval", step=self.clock.steps, tokens=self.clock.tokens, seconds=round(self.clock.elapsed(), 3),
                            eval_loss=loss)
         return loss
 
+    def recent_rate(self) -> float | None:
+        """Training tokens/s over the last few steps: how fast the machine is now."""
+        return statistics.median(self.step_rates[-5:]) if self.step_rates else None
+
     def eval_cost(self) -> float:
-        return statistics.median(self.eval_costs) if self.eval_costs else 0.0
+        """What one eval costs now: the measured evals (median), each rescaled by how fast the machine
+        trains now against when it was measured — an eval timed while other processes held the CPU
+        must not hold back a reserve for the rest of the run (the first eval, before any step, is
+        rescaled against the first steps)."""
+        if not self.eval_costs:
+            return 0.0
+        now = self.recent_rate()
+        if now is None:
+            return statistics.median(seconds for seconds, _ in self.eval_costs)
+        first = statistics.median(self.step_rates[:5])
+        return statistics.median(seconds * (rate or first) / now for seconds, rate in self.eval_costs)
 
     def update_reserve(self) -> None:
         """Keep back what the final eval and save will cost, as measured (medians: one slow write or eval
@@ -472,6 +486,7 @@ def _after_step(run: Run, result: steps.StepResult, bar: TrainProgress) -> None:
     run.step_rates.append(tokens_per_s)
     if note := run.speed.record(tokens_per_s):
         run.say(note)
+    run.update_reserve()  # the machine's speed changes what the final eval will cost
     if result.fast_forward is not None:
         run.metrics.write(event="fast_forward", step=clock.steps, repeats=result.fast_forward[0], ff_loss=result.fast_forward[1])
     run.metrics.write(step=clock.steps, tokens=clock.tokens, seconds=round(clock.elapsed(), 3), progress=round(clock.progress(), 5),
