@@ -71,19 +71,20 @@ class MethodOptions:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw, sgd, adamw8bit, adamw_fp8, galore, frugal, lomo
+    name: str = "adamw"  # adamw, sgd, adamw8bit, adamw_fp8, galore, frugal, lomo, apollo, apollo_mini
     lr: float = 3e-4  # peak learning rate; the schedule scales it by budget progress
     weight_decay: float = 0.0  # decoupled, matrices only
     beta1: float = 0.9  # Adam β1 (SGD: momentum)
     beta2: float = 0.95  # Adam β2
     eps: float = 1e-8  # Adam ε
     grad_clip: float = 1.0  # 0 = off
-    rank: int = 128  # galore/frugal: rank of the gradient projection
-    update_gap: int = 200  # galore/frugal: optimizer steps between subspace refreshes
+    rank: int = 128  # galore/frugal/apollo: rank of the gradient projection
+    update_gap: int = 200  # galore/frugal/apollo/apollo_mini: optimizer steps between subspace refreshes
     scale: float = 0.25  # galore/frugal: scale α of the projected (Adam) update
     subspace: Literal["svd", "random", "blocks"] = "svd"  # frugal: how the state-full subspace is chosen
     density: float = 0.25  # frugal blocks: fraction of matrices with Adam at a time
     sign_lr_ratio: float = 1.0  # frugal: signSGD step on the residual, relative to lr
+    apollo_scale: float | None = None  # apollo/apollo_mini: the update's scale α (×√α); null = the paper's, 1 (apollo) or 128 (apollo_mini)
     layerwise: bool = False  # galore/frugal/adamw_fp8: update each weight inside backward, gradients freed at once
 
 

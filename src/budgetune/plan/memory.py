@@ -92,6 +92,8 @@ RUNTIME = {"cpu": 16 * MiB, "cuda": 0}  # first-step costs above the post-import
 STATE_COPIES = {"adamw": 2, "sgd": 1, "lomo": 0, "adamw_fp8": 2 * (1 + 8 / 256) / 4, "adamw8bit": 2 * (1 + 4 / 256) / 4}
 LORA_FAMILY = ("lora", "rslora", "dora", "loraplus", "pissa")  # same adapter shapes (DoRA adds a magnitude vector); DoRA's
 # extra activations (the weight-norm of W + BA per layer) are not modelled  # fp32 optimizer states per trainable parameter
+# optimizers whose states are counted per matrix by galore_state_elements (low-rank projections)
+PROJECTED = ("galore", "frugal", "apollo", "apollo_mini")
 TERMS = ("weights", "gradients", "optimizer_states", "activations", "attention_mask", "logits_loss", "workspace",
          "comm_buffers", "runtime", "overhead")
 
@@ -271,10 +273,11 @@ def final_norm_parameters(arch: _Arch) -> int:
 
 
 def galore_state_elements(arch: _Arch, recipe: Recipe, trainable: int) -> int:
-    """GaLore (optim/galore.py) and FRUGAL's svd/random subspaces (optim/frugal.py): matrices
+    """GaLore (optim/galore.py), APOLLO (optim/apollo.py: its random projection is stored as
+    GaLore's SVD one is; APOLLO-Mini is rank 1) and FRUGAL's svd/random subspaces (optim/frugal.py): matrices
     larger than the rank keep Adam moments of their r × max(m, n) projection plus the
     projection itself (min(m, n) × r); the rest plain Adam. FRUGAL blocks: see below."""
-    rank = recipe.extra.get("galore_rank", 128)
+    rank = 1 if recipe.optimizer == "apollo_mini" else recipe.extra.get("galore_rank", 128)
     if recipe.method != "full":
         return 2 * trainable
     if recipe.optimizer == "frugal" and recipe.extra.get("frugal_subspace") == "blocks":
@@ -331,7 +334,7 @@ def post_activation_elements(arch: _Arch) -> int:
 
 def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_bytes: int | None = None) -> MemoryEstimate:
     """Predicted peak memory of a training step of `recipe` on a model with `config` (see module doc)."""
-    if recipe.optimizer not in STATE_COPIES and recipe.optimizer not in ("galore", "frugal"):
+    if recipe.optimizer not in STATE_COPIES and recipe.optimizer not in PROJECTED:
         raise ValueError(f"memory model: unknown optimizer {recipe.optimizer!r}")
     arch = architecture(config)
     cuda = device_type == "cuda"
@@ -356,7 +359,7 @@ def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_b
     if zero >= 3:
         weights //= world
     grad_per_param = 4
-    if recipe.optimizer in ("galore", "frugal"):
+    if recipe.optimizer in PROJECTED:
         states = 4 * galore_state_elements(arch, recipe, trainable)
     else:
         states = int(STATE_COPIES[recipe.optimizer] * 4 * trainable)
