@@ -253,6 +253,8 @@ def lora_linears(arch: _Arch, targets: tuple[str, ...]) -> list[_Linear]:
 def trainable_parameters(arch: _Arch, recipe: Recipe) -> int:
     if recipe.method == "full":
         return arch.parameters
+    if recipe.method == "badam":  # one decoder layer at a time; embeddings, head and final norm frozen
+        return arch.layer_parameters
     if recipe.method == "lisa":
         gamma = min(arch.layers, recipe.extra.get("method_options", {}).get("layers", 2))
         return arch.parameters - (arch.layers - gamma) * arch.layer_parameters
@@ -340,7 +342,8 @@ def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_b
     cuda = device_type == "cuda"
     lisa = recipe.method == "lisa"  # full-precision weights like full FT, but γ layers train at a time
     freeze = recipe.method == "freeze"  # full-precision weights; only the top layers train (and keep activations)
-    adapter = recipe.method not in ("full", "lisa", "freeze")
+    badam = recipe.method == "badam"  # full-precision weights; one decoder layer trains at a time
+    adapter = recipe.method not in ("full", "lisa", "freeze", "badam")
     world = max(1, recipe.world_size)
     zero = recipe.zero_stage if world > 1 else 0
     b, t = recipe.micro_batch, recipe.seq_len
@@ -349,7 +352,7 @@ def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_b
     # weights: models.weights_dtype — bf16 frozen base only for adapters on CUDA
     # a formula for full FT and the LoRA family; other adapters are counted (their small
     # activations are not modelled, as for DoRA's weight norm)
-    formula = recipe.method in ("full", "lisa", "freeze") or recipe.method in LORA_FAMILY
+    formula = recipe.method in ("full", "lisa", "freeze", "badam") or recipe.method in LORA_FAMILY
     trainable = trainable_parameters(arch, recipe) if formula else counted_trainable_parameters(config, recipe)
     base_bytes = 2 if (cuda and adapter) else 4
     weights = arch.parameters * base_bytes + (trainable * 4 if adapter else 0)
@@ -376,6 +379,8 @@ def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_b
     else:
         g_layer, g_embed = arch.layer_parameters, arch.embedding_parameters
         g_head = arch.parameters - arch.layers * arch.layer_parameters - arch.embedding_parameters  # lm_head + final norm
+        if badam:  # the active layer's gradients (spread over the stack: its place varies); no head, no embedding
+            g_layer, g_head, g_embed = trainable // arch.layers, 0, 0
         if lisa:  # only the active layers' share of the layer gradients, spread over the stack
             g_layer = (trainable - g_embed - g_head) // arch.layers
         if freeze:  # the top layers' gradients; the head's only when it trains
@@ -409,7 +414,7 @@ def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_b
     else:
         saved_per_layer, mask_per_layer, recomputed, mask_resident = per_layer, float_mask, 0, 0
     # CPU AdamW (single-tensor path): sqrt + division temporaries of the largest trainable tensor
-    largest = arch.largest_parameter if not adapter else max(
+    largest = arch.layer_largest_parameter if badam else arch.largest_parameter if not adapter else max(
         [recipe.lora_r * max(lin.in_features, lin.out_features) for lin in lora_linears(arch, recipe.lora_targets)] or [0])
     opt_ws = 2 * 4 * largest if (not cuda and recipe.optimizer == "adamw") else 0
     zero3_ws = arch.layer_parameters * base_bytes if zero >= 3 else 0
