@@ -3,6 +3,7 @@ channel- or tensor-wise scaled update), weights-only checkpoints, training, exac
 the planner's state formula against the states the optimizer really holds."""
 
 import io
+import json
 
 import pytest
 import torch
@@ -10,7 +11,6 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from budgetune.config import OptimConfig
 from budgetune.optim import OPTIMIZERS, build_optimizer
-from budgetune.train import train
 
 from helpers import interrupted_and_uninterrupted, tiny_config, write_text_corpus
 
@@ -105,11 +105,11 @@ def test_planner_state_formula_equals_the_states_held(name):
 
 def test_trains_resumes_exactly_and_saves_a_transformers_model(tmp_path, corpus, monkeypatch):
     optim = {"name": "apollo", "lr": 1e-2, "rank": 4, "update_gap": 3}
-    summary = train(tiny_config(tmp_path / "t", corpus, optim=optim, budget={"steps": 15}), quiet=True)
+    straight, resumed = interrupted_and_uninterrupted(tmp_path, corpus, monkeypatch, optim=optim, budget={"steps": 12},
+                                                      checkpoint={"every": 0.5})
+    summary = json.loads((tmp_path / "a" / "run" / "summary.json").read_text())  # the uninterrupted run
     assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.5
     assert summary["predicted"] is not None  # the planner knows it
-    AutoModelForCausalLM.from_pretrained(tmp_path / "t" / "run" / "model")
-    straight, resumed = interrupted_and_uninterrupted(tmp_path, corpus, monkeypatch, optim=optim, budget={"steps": 8},
-                                                      checkpoint={"every": 0.5})
+    AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "run" / "model")  # a plain transformers model
     for name, tensor in straight.items():
         assert torch.equal(resumed[name], tensor), name

@@ -93,7 +93,7 @@ STATE_COPIES = {"adamw": 2, "sgd": 1, "lomo": 0, "adamw_fp8": 2 * (1 + 8 / 256) 
 LORA_FAMILY = ("lora", "rslora", "dora", "loraplus", "pissa")  # same adapter shapes (DoRA adds a magnitude vector); DoRA's
 # extra activations (the weight-norm of W + BA per layer) are not modelled  # fp32 optimizer states per trainable parameter
 # optimizers whose states are counted per matrix by galore_state_elements (low-rank projections)
-PROJECTED = ("galore", "frugal", "apollo", "apollo_mini")
+PROJECTED = ("galore", "frugal", "apollo", "apollo_mini", "gum", "natural_galore")
 TERMS = ("weights", "gradients", "optimizer_states", "activations", "attention_mask", "logits_loss", "workspace",
          "comm_buffers", "runtime", "overhead")
 
@@ -278,7 +278,11 @@ def galore_state_elements(arch: _Arch, recipe: Recipe, trainable: int) -> int:
     """GaLore (optim/galore.py), APOLLO (optim/apollo.py: its random projection is stored as
     GaLore's SVD one is; APOLLO-Mini is rank 1) and FRUGAL's svd/random subspaces (optim/frugal.py): matrices
     larger than the rank keep Adam moments of their r × max(m, n) projection plus the
-    projection itself (min(m, n) × r); the rest plain Adam. FRUGAL blocks: see below."""
+    projection itself (min(m, n) × r); the rest plain Adam. FRUGAL blocks: see below.
+    Natural GaLore (optim/natural_galore.py) adds its window of `history` projected gradients
+    (history × r × max(m, n)). GUM (optim/gum.py) keeps one momentum: of the projection, or of
+    the whole matrix for the sampled share q (the expectation is counted), and of whole small
+    matrices."""
     rank = 1 if recipe.optimizer == "apollo_mini" else recipe.extra.get("galore_rank", 128)
     if recipe.method != "full":
         return 2 * trainable
@@ -291,10 +295,18 @@ def galore_state_elements(arch: _Arch, recipe: Recipe, trainable: int) -> int:
     matrices.append((arch.vocab, arch.hidden))  # input embedding (the lm_head too when tied)
     if arch.head_parameters:
         matrices.append((arch.vocab, arch.hidden))
+    gum, q = recipe.optimizer == "gum", recipe.extra.get("frugal_density", 0.25)
+    moments = 2 + (recipe.extra.get("natural_history", 10) if recipe.optimizer == "natural_galore" else 0)
     elements, projected = 0, 0
     for a, b in matrices:
-        if min(a, b) > rank:
-            elements += 2 * rank * max(a, b) + rank * min(a, b)
+        if min(a, b) > rank and gum:
+            elements += round((1 - q) * rank * max(a, b) + q * a * b) + rank * min(a, b)
+            projected += a * b
+        elif min(a, b) > rank:
+            elements += moments * rank * max(a, b) + rank * min(a, b)
+            projected += a * b
+        elif gum:  # full-rank Muon: one momentum
+            elements += a * b
             projected += a * b
     return elements + 2 * (trainable - projected)
 
