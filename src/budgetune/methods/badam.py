@@ -58,6 +58,7 @@ class Badam(Method):
             raise ConfigError(f"config key 'method.interval': steps between block switches, at least 1, got {opts.interval}")
         model.requires_grad_(False)
         self._active = None
+        self.select(model, opts, 0)  # the first block (what the planner's counts see); the loop selects again on resume
         return model
 
     def select(self, model, opts, step: int) -> bool:
