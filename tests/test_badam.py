@@ -37,7 +37,7 @@ def test_one_block_trains_and_the_optimizer_holds_state_for_it_only():
     method = METHODS["badam"]
     opts = method.Options(interval=2, order="ascending")
     model = method.prepare(model, opts)
-    assert method.select(model, opts, 0) and not method.select(model, opts, 1)
+    assert not method.select(model, opts, 0) and not method.select(model, opts, 1)  # prepare already chose block 0
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("model.layers.0.") for n in trainable)
     opt = build_optimizer(model, OptimConfig())

@@ -42,7 +42,7 @@ def active_block(n_layers: int, opts: BadamOptions, step: int) -> int:
     if opts.order == "descending":
         return n_layers - 1 - position
     gen = torch.Generator().manual_seed(opts.seed * 1_000_003 + epoch)
-    return int(torch.randperm(n_layers, generator=gen)[position])
+    return int(torch.randperm(n_layers, generator=gen, device="cpu")[position])  # cpu: also under a meta-device context (the planner)
 
 
 @register

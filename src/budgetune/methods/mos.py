@@ -50,9 +50,9 @@ def _cut(n: int, dim: int, k: int, device) -> nn.Parameter:
 def routing(pool_shards: int, slots: int, gen: torch.Generator) -> torch.Tensor:
     """`slots` pool indices: distinct while the pool has enough, otherwise each pass a fresh permutation."""
     if slots == 0:
-        return torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, dtype=torch.long, device="cpu")
     passes = -(-slots // pool_shards)
-    return torch.cat([torch.randperm(pool_shards, generator=gen) for _ in range(passes)])[:slots]
+    return torch.cat([torch.randperm(pool_shards, generator=gen, device="cpu") for _ in range(passes)])[:slots]
 
 
 class MosLinear(nn.Module):
