@@ -103,6 +103,7 @@ def test_planner_state_formula_equals_the_states_held(name):
     assert held < 0.5 * 2 * trainable
 
 
+@pytest.mark.slow  # end-to-end: three training runs
 def test_trains_resumes_exactly_and_saves_a_transformers_model(tmp_path, corpus, monkeypatch):
     optim = {"name": "apollo", "lr": 1e-2, "rank": 4, "update_gap": 3}
     straight, resumed = interrupted_and_uninterrupted(tmp_path, corpus, monkeypatch, optim=optim, budget={"steps": 12},

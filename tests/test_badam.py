@@ -82,6 +82,7 @@ def test_trains_from_the_cli_config_and_only_the_scheduled_blocks_change(tmp_pat
         assert (not torch.equal(p, initial[name])) == (layer in (0, 1)), name  # 8 steps, K = 4: layers 0 then 1
 
 
+@pytest.mark.slow  # end-to-end: three training runs
 def test_resume_equals_uninterrupted_across_switches(tmp_path, corpus, monkeypatch):
     a, b = interrupted_and_uninterrupted(tmp_path, corpus, monkeypatch,
                                          method={"name": "badam", "interval": 3, "order": "random", "seed": 2},

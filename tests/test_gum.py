@@ -111,6 +111,7 @@ def test_layerwise_mode_equals_the_stepped_optimizer():
         torch.testing.assert_close(p, q)
 
 
+@pytest.mark.slow  # end-to-end: three training runs
 def test_trains_resumes_exactly_and_saves_a_transformers_model(tmp_path, corpus, monkeypatch):
     optim = {"name": "gum", "lr": 1e-2, "rank": 8, "update_gap": 3, "density": 0.3}
     straight, resumed = interrupted_and_uninterrupted(tmp_path, corpus, monkeypatch, optim=optim, budget={"steps": 12},

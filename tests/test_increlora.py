@@ -58,6 +58,7 @@ def test_inactive_components_neither_act_nor_learn():
     assert q.lora_A["default"].weight.grad[0].abs().sum() > 0  # the active one learns
 
 
+@pytest.mark.slow  # end-to-end: three training runs
 def test_trains_to_the_budget_exports_to_peft_and_resumes_exactly(tmp_path, monkeypatch):
     from peft import PeftModel
 

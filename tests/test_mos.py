@@ -71,6 +71,7 @@ def test_shards_must_divide_the_features():
         method.prepare(small_llama(), method.Options(shards=3))
 
 
+@pytest.mark.slow  # end-to-end: three training runs
 def test_trains_exports_merged_and_resumes_exactly(tmp_path, monkeypatch):
     import budgetune
 
