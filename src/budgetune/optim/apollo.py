@@ -16,12 +16,15 @@ Ours is only the wiring:
 
 from __future__ import annotations
 
+import functools
+
 from ..errors import BudgetuneError
 from . import register
 
 PROJECTOR_FIELDS = ("ortho_matrix", "seed", "svd_count")
 
 
+@functools.cache  # one subclass, built on first use (apollo-torch is optional)
 def _apollo_class():
     try:
         from apollo_torch.apollo import AdamW
