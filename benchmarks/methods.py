@@ -90,6 +90,8 @@ def main() -> None:
     ap.add_argument("--data", default="chat,demo", help="comma-separated: chat, demo")
     ap.add_argument("--only", help="comma-separated row labels to run (skips the REX and Fast Forward extras)")
     ap.add_argument("--seeds", default="0", help="comma-separated train.seed values, one run each")
+    ap.add_argument("--steps", type=int, help="an equal number of optimizer steps per row instead of equal seconds "
+                                               "(with --only; results go to results-DATA-stepsN.jsonl)")
     args = ap.parse_args()
     tmp = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="budgetune-methods-"))
     if not (tmp / "base" / "model").exists():
@@ -125,19 +127,21 @@ def table(tmp: Path, data: str, args) -> None:
     if unknown:
         raise SystemExit(f"--only: no rows named {sorted(unknown)}")
     seeds = [int(x) for x in args.seeds.split(",")]
-    results = tmp / f"results-{data}.jsonl"
+    results = tmp / (f"results-{data}-steps{args.steps}.jsonl" if args.steps else f"results-{data}.jsonl")
     rows = []
     for label, method, optim in RUNS:
         if only and label not in only:
             continue
         for seed in seeds:
             name = label if seed == 0 else f"{label} seed{seed}"
-            cfg = config(name, method, optim, args.seconds, seed=seed)
+            cfg = config(name, method, optim, args.seconds, seed=seed, budget={"steps": args.steps} if args.steps else None)
+            if args.steps:
+                cfg["output"]["dir"] += f"-steps{args.steps}"
             s = run(cfg, Path(cfg["output"]["dir"]))
             rows.append({"method": label, "seed": seed, "eval_loss": s["eval_loss_after"], "loss_before": s["eval_loss_before"],
                          "peak_mb": s["peak_memory_mb"], "state_mb": s["optimizer_state_bytes"] / 2**20,
                          "trainable": s["trainable_parameters"], "tokens_per_s": s["train_tokens_per_s_median"], "steps": s["steps"],
-                         "seconds": args.seconds, "lr": optim["lr"]})
+                         "seconds": args.seconds, "budget_steps": args.steps, "elapsed_s": s["elapsed_s"], "lr": optim["lr"]})
             with open(results, "a") as f:
                 f.write(json.dumps(rows[-1]) + "\n")
             print(json.dumps(rows[-1]), flush=True)
@@ -179,15 +183,17 @@ def print_seeded_table(results: Path, data: str, args) -> None:
         by_method.setdefault(r["method"], []).append(r)
     seeds = sorted({r["seed"] for r in runs})
     before = runs[0]["loss_before"]
-    print(f"\n{data}: equal budget {runs[0]['seconds']:.0f} s per run; held-out loss of the base on this data: {before:.3f}\n")
-    print("| method | lr | " + " | ".join(f"loss seed {s}" for s in seeds) + " | mean loss | peak memory MB | optimizer state MB | trainable | steps |")
-    print("|---|---|" + "---|" * len(seeds) + "---|---|---|---|---|")
+    budget = f"{runs[0]['budget_steps']} optimizer steps" if runs[0].get("budget_steps") else f"{runs[0]['seconds']:.0f} s"
+    print(f"\n{data}: equal budget {budget} per run; held-out loss of the base on this data: {before:.3f}\n")
+    print("| method | lr | " + " | ".join(f"loss seed {s}" for s in seeds)
+          + " | mean loss | peak memory MB | optimizer state MB | trainable | steps | seconds |")
+    print("|---|---|" + "---|" * len(seeds) + "---|---|---|---|---|---|")
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     for method, rs in by_method.items():
         loss = {r["seed"]: r["eval_loss"] for r in rs}
         print(f"| {method} | {rs[0]['lr']:g} | " + " | ".join(f"{loss[s]:.3f}" if s in loss else "—" for s in seeds)
               + f" | {mean(list(loss.values())):.3f} | {mean([r['peak_mb'] for r in rs]):.0f} | {mean([r['state_mb'] for r in rs]):.2f} | "
-              f"{rs[0]['trainable']:,} | {mean([r['steps'] for r in rs]):.0f} |")
+              f"{rs[0]['trainable']:,} | {mean([r['steps'] for r in rs]):.0f} | {mean([r['elapsed_s'] for r in rs]):.0f} |")
 
 
 if __name__ == "__main__":
