@@ -100,20 +100,23 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw, sgd, adamw8bit, adamw_fp8, galore, frugal, lomo
+    name: str = "adamw"  # adamw, sgd, adamw8bit, adamw_fp8, galore, frugal, lomo, apollo, apollo_mini, gum, natural_galore
     lr: float = 3e-4  # peak learning rate; the schedule scales it by budget progress
     weight_decay: float = 0.0  # decoupled, matrices only
     beta1: float = 0.9  # Adam β1 (SGD: momentum)
     beta2: float = 0.95  # Adam β2
     eps: float = 1e-8  # Adam ε
     grad_clip: float = 1.0  # 0 = off
-    rank: int = 128  # galore/frugal: rank of the gradient projection
-    update_gap: int = 200  # galore/frugal: optimizer steps between subspace refreshes
-    scale: float = 0.25  # galore/frugal: scale α of the projected (Adam) update
+    rank: int = 128  # galore/frugal/apollo/gum/natural_galore: rank of the gradient projection
+    update_gap: int = 200  # galore/frugal/apollo/apollo_mini/gum/natural_galore: optimizer steps between subspace refreshes
+    scale: float = 0.25  # galore/frugal/natural_galore: scale α of the projected (Adam) update
     subspace: Literal["svd", "random", "blocks"] = "svd"  # frugal: how the state-full subspace is chosen
-    density: float = 0.25  # frugal blocks: fraction of matrices with Adam at a time
+    density: float = 0.25  # frugal blocks: fraction of matrices with Adam at a time; gum: probability q that a matrix takes the full-rank, debiasing update in a period
     sign_lr_ratio: float = 1.0  # frugal: signSGD step on the residual, relative to lr
-    layerwise: bool = False  # galore/frugal/adamw_fp8: update each weight inside backward, gradients freed at once
+    apollo_scale: float | None = None  # apollo/apollo_mini: the update's scale α (×√α); null = the paper's, 1 (apollo) or 128 (apollo_mini)
+    history: int = 10  # natural_galore: projected gradients s kept for the empirical Fisher
+    damping: float = 0.1  # natural_galore: Tikhonov λ of that Fisher, relative to the gradients' mean squared norm
+    layerwise: bool = False  # galore/frugal/adamw_fp8/gum/natural_galore: update each weight inside backward, gradients freed at once
 
 
 @dataclass
@@ -376,6 +379,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'plan.zero_stage': 0, 1, 2 or 3, got {cfg.plan.zero_stage}")
     positive("optim.lr", cfg.optim.lr)
     positive("optim.grad_clip", cfg.optim.grad_clip, allow_zero=True)
+    if cfg.optim.name == "gum" and not 0 < cfg.optim.density <= 1:
+        raise ConfigError(f"config key 'optim.density': gum's sampling probability must be in (0, 1], got {cfg.optim.density}")
+    if cfg.optim.name == "natural_galore":
+        positive("optim.damping", cfg.optim.damping)
+        positive("optim.history", cfg.optim.history)
     positive("eval.max_tokens", cfg.eval.max_tokens)
     positive("eval.temperature", cfg.eval.temperature, allow_zero=True)
     positive("eval.repetition_penalty", cfg.eval.repetition_penalty)

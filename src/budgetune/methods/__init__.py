@@ -76,4 +76,4 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-from . import adalora, freeze, full, lisa, lora, peft_tuners, tied_lora  # noqa: E402,F401  (registration)
+from . import adalora, badam, freeze, full, increlora, lisa, lora, mos, peft_tuners, tied_lora  # noqa: E402,F401  (registration)

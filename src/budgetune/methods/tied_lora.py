@@ -52,6 +52,8 @@ class TiedLora(Method):
     Options = TiedLoraOptions
     adapter = True
     output = "model"  # saved merged: see module docstring
+    Layer = TiedLoraLinear  # the wrapper whose delta() is folded in on saving (MoS reuses this class with its own)
+    shared = "tied_lora"  # the model attribute holding the shared matrices
 
     def prepare(self, model, opts):
         model.requires_grad_(False)
@@ -76,21 +78,21 @@ class TiedLora(Method):
         with torch.no_grad():
             for parent in list(model.modules()):
                 for child_name, child in list(parent.named_children()):
-                    if isinstance(child, TiedLoraLinear):
+                    if isinstance(child, self.Layer):
                         child.base.weight += child.delta().to(child.base.weight.dtype)
                         setattr(parent, child_name, child.base)
-        del model.tied_lora
+        delattr(model, self.shared)
         return model
 
     def save_pretrained(self, model, path) -> None:
         """The merged weights under the original names, without copying the model."""
         state = {}
         with torch.no_grad():
-            wrapped = {name: m for name, m in model.named_modules() if isinstance(m, TiedLoraLinear)}
+            wrapped = {name: m for name, m in model.named_modules() if isinstance(m, self.Layer)}
             for key, value in model.state_dict().items():
                 owner = key.rsplit(".", 2)[0]  # "...q_proj" for "...q_proj.base.weight"
-                if key.startswith("tied_lora.") or (key.rsplit(".", 1)[0] in wrapped):
-                    continue  # shared A/B and per-layer u/v: folded into the weights below
+                if key.startswith(self.shared + ".") or (key.rsplit(".", 1)[0] in wrapped):
+                    continue  # shared matrices and per-layer tensors: folded into the weights below
                 if owner in wrapped and key.endswith(".base.weight"):
                     value = value + wrapped[owner].delta().to(value.dtype)
                 state[key.replace(".base.", ".")] = value.contiguous()

@@ -55,6 +55,6 @@ def updates_in_backward(cfg) -> bool:
     return cfg.name == "lomo" or cfg.layerwise
 
 
-from . import adamw_8bit, fp8_adamw, frugal, galore, lomo  # noqa: E402,F401  (registration)
+from . import adamw_8bit, apollo, fp8_adamw, frugal, galore, gum, lomo, natural_galore  # noqa: E402,F401  (registration)
 
-LAYERWISE = ("adamw_fp8", "frugal", "galore")  # ours, built on base.PerParameterOptimizer
+LAYERWISE = ("adamw_fp8", "frugal", "galore", "gum", "natural_galore")  # ours, built on base.PerParameterOptimizer

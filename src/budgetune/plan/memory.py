@@ -92,6 +92,8 @@ RUNTIME = {"cpu": 16 * MiB, "cuda": 0}  # first-step costs above the post-import
 STATE_COPIES = {"adamw": 2, "sgd": 1, "lomo": 0, "adamw_fp8": 2 * (1 + 8 / 256) / 4, "adamw8bit": 2 * (1 + 4 / 256) / 4}
 LORA_FAMILY = ("lora", "rslora", "dora", "loraplus", "pissa")  # same adapter shapes (DoRA adds a magnitude vector); DoRA's
 # extra activations (the weight-norm of W + BA per layer) are not modelled  # fp32 optimizer states per trainable parameter
+# optimizers whose states are counted per matrix by galore_state_elements (low-rank projections)
+PROJECTED = ("galore", "frugal", "apollo", "apollo_mini", "gum", "natural_galore")
 TERMS = ("weights", "gradients", "optimizer_states", "activations", "attention_mask", "logits_loss", "workspace",
          "comm_buffers", "runtime", "overhead")
 
@@ -251,6 +253,8 @@ def lora_linears(arch: _Arch, targets: tuple[str, ...]) -> list[_Linear]:
 def trainable_parameters(arch: _Arch, recipe: Recipe) -> int:
     if recipe.method == "full":
         return arch.parameters
+    if recipe.method == "badam":  # one decoder layer at a time; embeddings, head and final norm frozen
+        return arch.layer_parameters
     if recipe.method == "lisa":
         gamma = min(arch.layers, recipe.extra.get("method_options", {}).get("layers", 2))
         return arch.parameters - (arch.layers - gamma) * arch.layer_parameters
@@ -271,10 +275,15 @@ def final_norm_parameters(arch: _Arch) -> int:
 
 
 def galore_state_elements(arch: _Arch, recipe: Recipe, trainable: int) -> int:
-    """GaLore (optim/galore.py) and FRUGAL's svd/random subspaces (optim/frugal.py): matrices
+    """GaLore (optim/galore.py), APOLLO (optim/apollo.py: its random projection is stored as
+    GaLore's SVD one is; APOLLO-Mini is rank 1) and FRUGAL's svd/random subspaces (optim/frugal.py): matrices
     larger than the rank keep Adam moments of their r × max(m, n) projection plus the
-    projection itself (min(m, n) × r); the rest plain Adam. FRUGAL blocks: see below."""
-    rank = recipe.extra.get("galore_rank", 128)
+    projection itself (min(m, n) × r); the rest plain Adam. FRUGAL blocks: see below.
+    Natural GaLore (optim/natural_galore.py) adds its window of `history` projected gradients
+    (history × r × max(m, n)). GUM (optim/gum.py) keeps one momentum: of the projection, or of
+    the whole matrix for the sampled share q (the expectation is counted), and of whole small
+    matrices."""
+    rank = 1 if recipe.optimizer == "apollo_mini" else recipe.extra.get("galore_rank", 128)
     if recipe.method != "full":
         return 2 * trainable
     if recipe.optimizer == "frugal" and recipe.extra.get("frugal_subspace") == "blocks":
@@ -286,10 +295,18 @@ def galore_state_elements(arch: _Arch, recipe: Recipe, trainable: int) -> int:
     matrices.append((arch.vocab, arch.hidden))  # input embedding (the lm_head too when tied)
     if arch.head_parameters:
         matrices.append((arch.vocab, arch.hidden))
+    gum, q = recipe.optimizer == "gum", recipe.extra.get("frugal_density", 0.25)
+    moments = 2 + (recipe.extra.get("natural_history", 10) if recipe.optimizer == "natural_galore" else 0)
     elements, projected = 0, 0
     for a, b in matrices:
-        if min(a, b) > rank:
-            elements += 2 * rank * max(a, b) + rank * min(a, b)
+        if min(a, b) > rank and gum:
+            elements += round((1 - q) * rank * max(a, b) + q * a * b) + rank * min(a, b)
+            projected += a * b
+        elif min(a, b) > rank:
+            elements += moments * rank * max(a, b) + rank * min(a, b)
+            projected += a * b
+        elif gum:  # full-rank Muon: one momentum
+            elements += a * b
             projected += a * b
     return elements + 2 * (trainable - projected)
 
@@ -330,13 +347,14 @@ def post_activation_elements(arch: _Arch) -> int:
 
 def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_bytes: int | None = None) -> MemoryEstimate:
     """Predicted peak memory of a training step of `recipe` on a model with `config` (see module doc)."""
-    if recipe.optimizer not in STATE_COPIES and recipe.optimizer not in ("galore", "frugal"):
+    if recipe.optimizer not in STATE_COPIES and recipe.optimizer not in PROJECTED:
         raise ValueError(f"memory model: unknown optimizer {recipe.optimizer!r}")
     arch = architecture(config)
     cuda = device_type == "cuda"
     lisa = recipe.method == "lisa"  # full-precision weights like full FT, but γ layers train at a time
     freeze = recipe.method == "freeze"  # full-precision weights; only the top layers train (and keep activations)
-    adapter = recipe.method not in ("full", "lisa", "freeze")
+    badam = recipe.method == "badam"  # full-precision weights; one decoder layer trains at a time
+    adapter = recipe.method not in ("full", "lisa", "freeze", "badam")
     world = max(1, recipe.world_size)
     zero = recipe.zero_stage if world > 1 else 0
     b, t = recipe.micro_batch, recipe.seq_len
@@ -345,7 +363,7 @@ def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_b
     # weights: models.weights_dtype — bf16 frozen base only for adapters on CUDA
     # a formula for full FT and the LoRA family; other adapters are counted (their small
     # activations are not modelled, as for DoRA's weight norm)
-    formula = recipe.method in ("full", "lisa", "freeze") or recipe.method in LORA_FAMILY
+    formula = recipe.method in ("full", "lisa", "freeze", "badam") or recipe.method in LORA_FAMILY
     trainable = trainable_parameters(arch, recipe) if formula else counted_trainable_parameters(config, recipe)
     base_bytes = 2 if (cuda and adapter) else 4
     weights = arch.parameters * base_bytes + (trainable * 4 if adapter else 0)
@@ -355,7 +373,7 @@ def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_b
     if zero >= 3:
         weights //= world
     grad_per_param = 4
-    if recipe.optimizer in ("galore", "frugal"):
+    if recipe.optimizer in PROJECTED:
         states = 4 * galore_state_elements(arch, recipe, trainable)
     else:
         states = int(STATE_COPIES[recipe.optimizer] * 4 * trainable)
@@ -372,6 +390,8 @@ def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_b
     else:
         g_layer, g_embed = arch.layer_parameters, arch.embedding_parameters
         g_head = arch.parameters - arch.layers * arch.layer_parameters - arch.embedding_parameters  # lm_head + final norm
+        if badam:  # the active layer's gradients (spread over the stack: its place varies); no head, no embedding
+            g_layer, g_head, g_embed = trainable // arch.layers, 0, 0
         if lisa:  # only the active layers' share of the layer gradients, spread over the stack
             g_layer = (trainable - g_embed - g_head) // arch.layers
         if freeze:  # the top layers' gradients; the head's only when it trains
@@ -405,7 +425,7 @@ def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_b
     else:
         saved_per_layer, mask_per_layer, recomputed, mask_resident = per_layer, float_mask, 0, 0
     # CPU AdamW (single-tensor path): sqrt + division temporaries of the largest trainable tensor
-    largest = arch.largest_parameter if not adapter else max(
+    largest = arch.layer_largest_parameter if badam else arch.largest_parameter if not adapter else max(
         [recipe.lora_r * max(lin.in_features, lin.out_features) for lin in lora_linears(arch, recipe.lora_targets)] or [0])
     opt_ws = 2 * 4 * largest if (not cuda and recipe.optimizer == "adamw") else 0
     zero3_ws = arch.layer_parameters * base_bytes if zero >= 3 else 0

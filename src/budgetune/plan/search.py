@@ -175,7 +175,7 @@ def distributed_setup(cfg) -> tuple[int, int]:
 def optimizer_extra(cfg) -> dict:
     """The optimizer options the memory model needs (projection rank, FRUGAL's subspace)."""
     return {"galore_rank": cfg.optim.rank, "frugal_subspace": cfg.optim.subspace, "frugal_density": cfg.optim.density,
-            "layerwise": cfg.optim.layerwise}
+            "layerwise": cfg.optim.layerwise, "natural_history": cfg.optim.history}
 
 
 def batch_is_open(cfg) -> bool:
