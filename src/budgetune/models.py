@@ -204,7 +204,8 @@ def load_model(cfg, tokenizer, device: torch.device, frozen_base: bool = False):
         config._attn_implementation = mcfg.attn_implementation
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=mcfg.trust_remote_code)
         if mcfg.quantize:
-            model = quantize.quantize_model(model, cfg, device, dtype)
+            model = quantize.quantize_model(model, **quantize.load_kwargs(cfg, device), dtype=dtype,
+                                            keep_full_precision=getattr(cfg.method, "init", None) == "loftq")
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     return model

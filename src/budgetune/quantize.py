@@ -69,16 +69,15 @@ def check_config(cfg) -> None:
                           "the weights before the adapter is initialised); use lora or rslora")
 
 
-def bnb_config(cfg, device: torch.device):
-    """transformers' BitsAndBytesConfig for `model.quantize`."""
+def bnb_config(kind: str, device: torch.device, double_quant: bool = True):
+    """transformers' BitsAndBytesConfig for `model.quantize` = kind."""
     from transformers import BitsAndBytesConfig
 
-    mcfg = cfg.model
-    if mcfg.quantize == "int8":
+    if kind == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     compute = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=mcfg.quantize,
-                              bnb_4bit_use_double_quant=mcfg.double_quant, bnb_4bit_compute_dtype=compute)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=compute)
 
 
 def load_kwargs(cfg, device: torch.device) -> dict:
@@ -86,21 +85,22 @@ def load_kwargs(cfg, device: torch.device) -> dict:
     if not cfg.model.quantize:
         return {}
     _quiet_bnb()
-    return {"quantization_config": bnb_config(cfg, device)}
+    return {"quantization_config": bnb_config(cfg.model.quantize, device, cfg.model.double_quant)}
 
 
-def quantize_model(model, cfg, device: torch.device, dtype: torch.dtype):
+def quantize_model(model, quantization_config, dtype: torch.dtype, keep_full_precision: bool = False):
     """A random-init (or otherwise in-memory) model quantised by transformers' loader: saved to a
-    temporary folder and loaded back with the BitsAndBytesConfig. LoftQ keeps the original
-    weights (`model._full_precision`) for its initialisation."""
+    temporary folder and loaded back with the BitsAndBytesConfig. `keep_full_precision`: keep the
+    original weights (`model._full_precision`) for LoftQ's initialisation."""
     from transformers import AutoModelForCausalLM
 
     _quiet_bnb()
     with tempfile.TemporaryDirectory(prefix="budgetune-quantize-") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        full = {k: v.detach().clone() for k, v in model.state_dict().items()} if getattr(cfg.method, "init", None) == "loftq" else None
+        full = {k: v.detach().clone() for k, v in model.state_dict().items()} if keep_full_precision else None
         name = model.config._name_or_path
-        quantized = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, use_safetensors=True, **load_kwargs(cfg, device))
+        quantized = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, use_safetensors=True,
+                                                         quantization_config=quantization_config)
     quantized.config._name_or_path = quantized.name_or_path = name  # not the temporary folder
     quantized._full_precision = full
     return finish(quantized)
