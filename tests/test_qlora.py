@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 import yaml
+from transformers import AutoModelForCausalLM
 
 pytest.importorskip("bitsandbytes")
 
@@ -32,22 +33,28 @@ def _bnb_layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
 
 
-def test_qlora_trains_with_the_base_quantised_and_frozen(tmp_path, chat, monkeypatch):
-    import importlib
-
-    train_module = importlib.import_module("budgetune.train")
+@pytest.fixture(scope="module")
+def qlora_run(tmp_path_factory, chat):
+    """One QLoRA (NF4 + LoRA) run from scratch; the quantised base seen before and after training."""
+    tmp = tmp_path_factory.mktemp("qlora")
     seen = {}
-    real_prepare = get_method("lora").prepare
+    lora = get_method("lora")
+    real_prepare = lora.prepare
 
-    def spy(model, opts):  # the quantised base as training gets it, before and after
+    def spy(model, opts):
         seen["before"] = {n: m.weight.detach().clone() for n, m in _bnb_layers(model).items()}
-        wrapped = real_prepare(model, opts)
-        seen["model"] = wrapped
-        return wrapped
+        seen["model"] = real_prepare(model, opts)
+        return seen["model"]
 
-    monkeypatch.setattr(get_method("lora"), "prepare", spy)
-    summary = train_module.train(tiny_config(tmp_path, chat, model={"init": "scratch", "preset": "llama-test", "quantize": "nf4"},
-                                             method={"name": "lora", "r": 8}, budget={"steps": 20}), quiet=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lora, "prepare", spy)
+        summary = train(tiny_config(tmp, chat, model={"init": "scratch", "preset": "llama-test", "quantize": "nf4"},
+                                    method={"name": "lora", "r": 8}, budget={"steps": 20}), quiet=True)
+    return tmp / "run", summary, seen
+
+
+def test_qlora_trains_with_the_base_quantised_and_frozen(qlora_run):
+    run, summary, seen = qlora_run
     assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.2
     before = seen["before"]
     assert len(before) == 2 * 7  # every linear of both decoder layers; the LM head is not quantised
@@ -60,11 +67,15 @@ def test_qlora_trains_with_the_base_quantised_and_frozen(tmp_path, chat, monkeyp
     head = seen["model"].get_base_model().lm_head
     assert type(head) is torch.nn.Linear and head.weight.dtype == torch.float32
     # the saved base of a scratch run is the quantised base
-    saved = json.loads((tmp_path / "run" / "base" / "config.json").read_text())
+    saved = json.loads((run / "base" / "config.json").read_text())
     assert saved["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
-    assert summary["parameters"] > 0 and summary["predicted"]["memory_terms_mb"]["weights"] > 0
+    # parameters counted at their real size, not the packed uint8 size
+    assert summary["parameters"] == sum(p.numel() for p in AutoModelForCausalLM.from_config(seen["model"].config).parameters()) \
+        + summary["trainable_parameters"]
+    assert summary["predicted"]["memory_terms_mb"]["weights"] > 0
 
 
+@pytest.mark.slow
 def test_qlora_resume_is_exact(tmp_path, chat, monkeypatch):
     straight, resumed = interrupted_and_uninterrupted(
         tmp_path, chat, monkeypatch, model={"init": "scratch", "preset": "llama-test", "quantize": "nf4"},
@@ -74,16 +85,13 @@ def test_qlora_resume_is_exact(tmp_path, chat, monkeypatch):
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0)
 
 
-def test_qlora_export_adapter_and_merged(tmp_path, chat):
+def test_qlora_export_adapter_and_merged(qlora_run):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     from budgetune.evaluate import load_trained
     from budgetune.export import export
 
-    train(tiny_config(tmp_path, chat, model={"init": "scratch", "preset": "llama-test", "quantize": "nf4"},
-                      method={"name": "lora", "r": 8}, budget={"steps": 10}), quiet=True)
-    run = tmp_path / "run"
+    run = qlora_run[0]
     trained, _, _ = load_trained(run)
     x = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -109,6 +117,7 @@ def test_qlora_export_adapter_and_merged(tmp_path, chat):
     torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantize", ["fp4", "int8"])
 def test_other_quantisations_train(tmp_path, chat, quantize):
     summary = train(tiny_config(tmp_path, chat, model={"init": "scratch", "preset": "llama-test", "quantize": quantize},
@@ -148,6 +157,7 @@ def test_methods_that_cannot_run_on_a_quantised_base_are_refused(tmp_path, chat,
         load_config(tiny_config(tmp_path, chat, model={"init": "scratch", "preset": "llama-test", "quantize": "nf4"}, method=method))
 
 
+@pytest.mark.slow
 def test_bad_quantize_config_exits_2_and_writes_nothing(tmp_path, chat):
     for i, (model, method, words) in enumerate([
         ({"quantize": "nf4"}, {"name": "full"}, "full fine-tuning"),
@@ -163,11 +173,10 @@ def test_bad_quantize_config_exits_2_and_writes_nothing(tmp_path, chat):
         assert not (folder / "run").exists()
 
 
+@pytest.mark.slow
 def test_loftq_starts_closer_to_the_full_precision_model(tmp_path, chat):
     """A briefly trained tiny model, quantised to NF4: the LoftQ adapter at step 0 brings the
     quantised model closer to the full-precision one than plain QLoRA init (B = 0)."""
-    from transformers import AutoModelForCausalLM
-
     from budgetune.evaluate import heldout_loss
     from budgetune.models import load_model, load_tokenizer
     from budgetune.data import prepare_data
