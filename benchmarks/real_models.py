@@ -1,7 +1,10 @@
 """A real pretrained model on the CPU: LoRA vs QLoRA (NF4) vs full fine-tuning, the QLoRA merge
 gap, and LoftQ vs plain QLoRA initialisation — on SmolLM2-135M-Instruct.
 
-    python benchmarks/real_models.py --gguf /path/to/SmolLM2-135M-Instruct.Q4_1.gguf [--seconds 75] [--out DIR]
+    python benchmarks/real_models.py --gguf /path/to/SmolLM2-135M-Instruct.Q4_1.gguf [--seconds 75] [--out DIR] [--skip PARTS]
+
+Only part 3 (training at equal wall-clock) and 4 (which needs its QLoRA run) are timings;
+run them alone under a benchmark lock with `--skip memory,loftq` if the machine is shared.
 
 Needs `pip install gguf` (transformers reads the GGUF file and dequantises it). The GGUF is
 converted once to a float safetensors folder under --out (`model.name` points at it).
@@ -231,7 +234,11 @@ def main() -> None:
                 del m
         results["loftq"] = out
 
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    # parts run separately (--skip) accumulate in one results file
+    path = args.out / "results.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    results = {**previous, **results}
+    path.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     print(f"total {time.time() - t0:.0f}s")
 

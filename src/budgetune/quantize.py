@@ -119,6 +119,18 @@ def finish(model, source: str | None = None):
             # weight in place, un-nests the double-quantised constants and needs out_features % 32 == 0;
             # one format for training and evaluation keeps memory, results and checkpoints consistent
             module.support_avx512bf16_for_cpu = False
+    # the unquantised tensors (embeddings, norms, head) come out of from_pretrained as views of the
+    # memory-mapped safetensors file, which keeps the whole mapping — and every page of the
+    # full-precision weights read while quantising — resident: own copies let the mapping go
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+                continue
+            for name, p in module.named_parameters(recurse=False):
+                p.data = p.data.clone()
+            for name, b in module.named_buffers(recurse=False):
+                if b is not None:
+                    b.data = b.data.clone()
     if source is not None and not hasattr(model, "_full_precision"):
         model._full_precision = source
     return model
