@@ -10,7 +10,8 @@ Needs `pip install gguf` (transformers reads the GGUF file and dequantises it). 
 converted once to a float safetensors folder under --out (`model.name` points at it).
 
 1. Data: the standard library's docstring → function chats (`stdlib_chat`, 600 chats, 20%
-   held out), rendered with the model's own chat template, seq_len 256, micro-batch 4.
+   held out), rendered with the model's own chat template, seq_len 256, micro-batch 2;
+   held-out loss on the first 2,048 held-out tokens.
 2. Memory, predicted vs measured, per method: the training step's peak (above the post-import
    baseline) measured in a fresh process by `plan.measure.measure_step_memory` (2 steps on a
    random-init model of the same shape), against `plan.memory.estimate_memory`'s step bytes.
@@ -18,7 +19,8 @@ converted once to a float safetensors folder under --out (`model.name` points at
    each `budget.time: --seconds` (load excluded, data preparation and the final eval
    included); held-out loss before/after, median tokens/s, peak RSS of the run (its
    summary) and the planner's prediction for it.
-4. The QLoRA merge gap: held-out loss of the trained forward (NF4 base + adapter) vs the
+4. The QLoRA merge gap (on part 3's QLoRA run, or with part 3 skipped on a run of
+   --merge-steps steps): held-out loss of the trained forward (NF4 base + adapter) vs the
    `export --merge` model (base dequantised, adapter folded in, plain fp32 transformers), and,
    for comparison, the adapter put on the original full-precision weights.
 5. LoftQ vs plain QLoRA init at step 0 (r16 and r64): held-out loss and logits RMSE /
@@ -62,8 +64,8 @@ def base_config(model: Path, chat: Path, out: Path, **sections) -> dict:
     cfg = {
         "model": {"name": str(model)},
         "data": {"train": [str(chat)], "seq_len": 256, "eval_fraction": 0.2, "cache_dir": str(out / "cache")},
-        "train": {"micro_batch": 4, "seed": 0},
-        "eval": {"max_tokens": 8192, "every": None},
+        "train": {"micro_batch": 2, "seed": 0},
+        "eval": {"max_tokens": EVAL_TOKENS, "every": None},
         "checkpoint": {"every": None},
         "schedule": {"name": "cosine", "warmup": 0.05},
         "plan": {"auto": False},
@@ -73,6 +75,8 @@ def base_config(model: Path, chat: Path, out: Path, **sections) -> dict:
         cfg.setdefault(section, {}).update(values)
     return cfg
 
+
+EVAL_TOKENS = 2048  # held-out tokens per evaluation (8 rows): a 135M forward on a shared 2-core CPU is slow
 
 RUNS = [  # label, method, model extras, optimizer
     ("LoRA r16", {"name": "lora", "r": 16}, {}, {"lr": 1e-3}),
@@ -112,7 +116,7 @@ def heldout(model, rows) -> float:
 
     from budgetune.evaluate import heldout_loss
 
-    return heldout_loss(model, rows, 4, 8192, torch.device("cpu"))
+    return heldout_loss(model, rows, 2, EVAL_TOKENS, torch.device("cpu"))
 
 
 def eval_rows(cfg_dict: dict):
@@ -141,6 +145,7 @@ def main() -> None:
     ap.add_argument("--gguf", type=Path, required=True, help="SmolLM2-135M-Instruct.Q4_1.gguf")
     ap.add_argument("--seconds", type=float, default=75, help="wall-clock budget of each training run")
     ap.add_argument("--out", type=Path, default=Path("/tmp/budgetune-real-models"))
+    ap.add_argument("--merge-steps", type=int, default=40, help="steps of the QLoRA run for the merge gap when part 3 is skipped")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: memory, train, merge, loftq")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -159,7 +164,7 @@ def main() -> None:
     if "memory" not in skip:
         results["memory"] = {}
         for label, method, extra, _ in RUNS:
-            recipe = Recipe(method=method["name"], lora_r=method.get("r", 16), micro_batch=4, seq_len=256,
+            recipe = Recipe(method=method["name"], lora_r=method.get("r", 16), micro_batch=2, seq_len=256,
                             quantize=extra.get("quantize"), extra={"double_quant": True})
             measured, predicted = step_memory(model, recipe)
             results["memory"][label] = {"measured_mb": round(measured, 1), "predicted_mb": round(predicted, 1),
@@ -185,8 +190,18 @@ def main() -> None:
                   f"{s['train_tokens_per_s_median']} tok/s, peak RSS {s['peak_memory_mb']:.0f} MB (predicted "
                   f"{pred.get('peak_memory_mb')} MB)", flush=True)
 
-    rows = eval_rows(base_config(model, chat, args.out, output={"dir": str(args.out / "rows")}))
-    if "merge" not in skip and "QLoRA NF4 r16" in runs:
+    rows = eval_rows(base_config(model, chat, args.out, output={"dir": str(args.out / "rows")}, budget={"steps": 1}))
+    if "merge" not in skip and "QLoRA NF4 r16" not in runs:  # no timed run: a QLoRA run of a fixed step count
+        run_dir = args.out / "runs" / "qlora-steps"
+        label, method, extra, optim = RUNS[1]
+        s = train_run(base_config(model, chat, args.out, model={"name": str(model), **extra}, method=method, optim=optim,
+                                  budget={"steps": args.merge_steps}, output={"dir": str(run_dir), "report": False, "overwrite": True}),
+                      run_dir)
+        runs[label] = run_dir
+        results["merge_run"] = {"steps": s["steps"], "eval_loss_before": round(s["eval_loss_before"], 4),
+                                "eval_loss_after": round(s["eval_loss_after"], 4)}
+        print(f"QLoRA run for the merge gap: {results['merge_run']}", flush=True)
+    if "merge" not in skip:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
@@ -212,7 +227,7 @@ def main() -> None:
         from budgetune.models import load_model, load_tokenizer
 
         full = AutoModelForCausalLM.from_pretrained(str(model))
-        x = torch.stack([rows.batch([i])["input_ids"][0] for i in range(min(8, len(rows)))])
+        x = torch.stack([rows.batch([i])["input_ids"][0] for i in range(min(4, len(rows)))])
         with torch.no_grad():
             ref = full(input_ids=x).logits.float()
         out = {"full precision": {"heldout_loss": round(heldout(full, rows), 4)}}
