@@ -60,9 +60,9 @@ def convert(gguf: Path, folder: Path) -> Path:
     return folder
 
 
-def base_config(model: Path, chat: Path, out: Path, **sections) -> dict:
+def base_config(model_dir: Path, chat: Path, out: Path, **sections) -> dict:
     cfg = {
-        "model": {"name": str(model)},
+        "model": {"name": str(model_dir)},
         "data": {"train": [str(chat)], "seq_len": 256, "eval_fraction": 0.2, "cache_dir": str(out / "cache")},
         "train": {"micro_batch": 2, "seed": 0},
         "eval": {"max_tokens": EVAL_TOKENS, "every": None},
@@ -106,7 +106,7 @@ def step_memory(model: Path, recipe) -> tuple[float, float]:
     d = {k: v for k, v in config.to_dict().items() if k in (
         "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
         "vocab_size", "tie_word_embeddings", "rms_norm_eps", "max_position_embeddings", "head_dim", "rope_theta")}
-    measured = measure_step_memory(d, recipe)
+    measured = measure_step_memory(d, recipe, timeout=3600)  # two steps of a 135M model: minutes on a busy CPU
     predicted = estimate_memory(config, recipe, "cpu", overhead_bytes=measured["baseline_bytes"])
     return measured["peak_bytes"] / 2**20, predicted.step_bytes / 2**20
 
@@ -163,7 +163,7 @@ def main() -> None:
 
     if "memory" not in skip:
         results["memory"] = {}
-        for label, method, extra, _ in RUNS:
+        for label, method, extra, _ in sorted(RUNS, key=lambda run: "quantize" not in run[2]):  # QLoRA first
             recipe = Recipe(method=method["name"], lora_r=method.get("r", 16), micro_batch=2, seq_len=256,
                             quantize=extra.get("quantize"), extra={"double_quant": True})
             measured, predicted = step_memory(model, recipe)
