@@ -87,6 +87,7 @@ RUNS = [  # label, method, model extras, optimizer
 
 def train_run(cfg: dict, out: Path) -> dict:
     path = out.with_suffix(".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(cfg))
     done = subprocess.run([sys.executable, "-c", f"import json, budgetune; budgetune.train(json.load(open({str(path)!r})), quiet=True)"],
                           capture_output=True, text=True)
