@@ -11,7 +11,7 @@ converted once to a float safetensors folder under --out (`model.name` points at
 
 1. Data: the standard library's docstring → function chats (`stdlib_chat`, 600 chats, 20%
    held out), rendered with the model's own chat template, seq_len 256, micro-batch 2;
-   held-out loss on the first 2,048 held-out tokens.
+   held-out loss on the first --eval-tokens (1,024) held-out tokens.
 2. Memory, predicted vs measured, per method: the training step's peak (above the post-import
    baseline) measured in a fresh process by `plan.measure.measure_step_memory` (2 steps on a
    random-init model of the same shape), against `plan.memory.estimate_memory`'s step bytes.
@@ -76,7 +76,7 @@ def base_config(model_dir: Path, chat: Path, out: Path, **sections) -> dict:
     return cfg
 
 
-EVAL_TOKENS = 2048  # held-out tokens per evaluation (8 rows): a 135M forward on a shared 2-core CPU is slow
+EVAL_TOKENS = 1024  # held-out tokens per evaluation (4 rows; --eval-tokens): a 135M forward on a shared 2-core CPU is slow
 
 RUNS = [  # label, method, model extras, optimizer
     ("LoRA r16", {"name": "lora", "r": 16}, {}, {"lr": 1e-3}),
@@ -146,9 +146,13 @@ def main() -> None:
     ap.add_argument("--gguf", type=Path, required=True, help="SmolLM2-135M-Instruct.Q4_1.gguf")
     ap.add_argument("--seconds", type=float, default=75, help="wall-clock budget of each training run")
     ap.add_argument("--out", type=Path, default=Path("/tmp/budgetune-real-models"))
+    ap.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS, help="held-out tokens per evaluation")
+    ap.add_argument("--loftq-ranks", default="16,64", help="comma-separated LoRA ranks for part 5")
     ap.add_argument("--merge-steps", type=int, default=40, help="steps of the QLoRA run for the merge gap when part 3 is skipped")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: memory, train, merge, loftq")
     args = ap.parse_args()
+    global EVAL_TOKENS
+    EVAL_TOKENS = args.eval_tokens
     skip = set(filter(None, args.skip.split(",")))
     args.out.mkdir(parents=True, exist_ok=True)
     import torch
@@ -233,7 +237,7 @@ def main() -> None:
             ref = full(input_ids=x).logits.float()
         out = {"full precision": {"heldout_loss": round(heldout(full, rows), 4)}}
         del full
-        for r in (16, 64):
+        for r in map(int, args.loftq_ranks.split(",")):
             for init in ("default", "loftq"):
                 cfg = load_config(base_config(model, chat, args.out, model={"name": str(model), "quantize": "nf4"},
                                               method={"name": "lora", "r": r, "alpha": 2 * r, "init": init},
