@@ -142,6 +142,7 @@ def logits_error(model, reference_logits, x) -> tuple[float, float]:
 
 
 def main() -> None:
+    global EVAL_TOKENS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", type=Path, required=True, help="SmolLM2-135M-Instruct.Q4_1.gguf")
     ap.add_argument("--seconds", type=float, default=75, help="wall-clock budget of each training run")
@@ -151,7 +152,6 @@ def main() -> None:
     ap.add_argument("--merge-steps", type=int, default=40, help="steps of the QLoRA run for the merge gap when part 3 is skipped")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: memory, train, merge, loftq")
     args = ap.parse_args()
-    global EVAL_TOKENS
     EVAL_TOKENS = args.eval_tokens
     skip = set(filter(None, args.skip.split(",")))
     args.out.mkdir(parents=True, exist_ok=True)
