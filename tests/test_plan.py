@@ -30,7 +30,10 @@ def test_candidates_respect_what_the_user_pinned(tmp_path):
     assert all(r.micro_batch * r.grad_accum == 16 for r in recipes)  # tokens per step are kept
     pinned = load_config(open_cfg, {"method": {"name": "lora"}, "train": {"micro_batch": 4}, "model": {"gradient_checkpointing": True}})
     recipes = candidate_recipes(pinned, cpu)
-    assert len(recipes) == 1 and recipes[0].method == "lora" and recipes[0].micro_batch == 4 and recipes[0].gradient_checkpointing
+    assert all(r.method == "lora" and r.micro_batch == 4 and r.gradient_checkpointing for r in recipes)
+    assert sorted(recipes, key=lambda r: r.quantize is not None)[0].quantize is None  # (QLoRA is the only open dimension left)
+    no_qlora = candidate_recipes(load_config(pinned, {"model": {"quantize": None}}), cpu)
+    assert len(no_qlora) == 1 and no_qlora[0].quantize is None
 
 
 def test_plan_drops_what_does_not_fit_and_says_why(tmp_path):

@@ -37,6 +37,8 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU; bf16 frozen base for adapters on a GPU
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% more compute); the planner may turn it on
     attn_implementation: str = "sdpa"  # sdpa, eager or flash_attention_2 (transformers' names)
+    quantize: Literal["nf4", "fp4", "int8"] | None = None  # QLoRA: store the frozen base quantised by bitsandbytes (adapter methods only; embeddings and LM head stay unquantised)
+    double_quant: bool = True  # 4-bit only: quantise the quantisation constants again (~0.37 bit/parameter less)
 
 
 @dataclass
@@ -428,6 +430,9 @@ def _validate(cfg: Config) -> None:
     if not cfg.data.train:
         raise ConfigError("config key 'data.train': required (files, folders or globs of training data)")
     _validate_data(cfg)
+    from .quantize import check_config
+
+    check_config(cfg)  # model.quantize / method.init: loftq with a method that can run on a quantised base
     _validate_paths(cfg)
 
 

@@ -110,7 +110,8 @@ def print_plan(plan, limit: int = 12, out: Console | None = None) -> None:
     for i, c in enumerate(plan.fitting[:limit], 1):
         r = c.recipe
         table.add_row(
-            str(i), r.method, f"{r.micro_batch}×{r.grad_accum}", "on" if r.gradient_checkpointing else "off",
+            str(i), r.method + (f" + {r.quantize}" if r.quantize else ""), f"{r.micro_batch}×{r.grad_accum}",
+            "on" if r.gradient_checkpointing else "off",
             _short_bytes(c.memory.total), f"{c.tokens_per_s:,.0f}{'' if c.probed else ' ≈'}",
             _short_count(c.tokens_in_budget) if c.tokens_in_budget else "-", f"{c.epochs:.2f}" if c.epochs else "-",
             _short_count(c.trainable),
@@ -125,7 +126,7 @@ def print_plan(plan, limit: int = 12, out: Console | None = None) -> None:
         say("[bold]does not fit[/] (the smallest variant of each, and where its memory goes):")
         smallest: dict = {}
         for c in rejected:
-            key = (c.recipe.method, c.recipe.gradient_checkpointing)
+            key = (c.recipe.method + (f" + {c.recipe.quantize} base" if c.recipe.quantize else ""), c.recipe.gradient_checkpointing)
             if key not in smallest or c.memory.total < smallest[key].memory.total:
                 smallest[key] = c
         for (method, ckpt), c in sorted(smallest.items()):

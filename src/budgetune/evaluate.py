@@ -101,12 +101,15 @@ def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     return out
 
 
-def load_trained(run_dir: str | Path, device: str | torch.device = "cpu", trust_remote_code: bool = False):
+def load_trained(run_dir: str | Path, device: str | torch.device = "cpu", trust_remote_code: bool = False,
+                 dequantize: bool = False):
     """(model, tokenizer, config) of a finished run, as plain transformers/peft objects.
 
     A run folder may come from someone else: its own config.yaml saying
     `model.trust_remote_code: true` is not enough to run the model's code here — the caller
-    must say so too (`--trust-remote-code`)."""
+    must say so too (`--trust-remote-code`). A run with `model.quantize` gets its base quantised
+    as in training; `dequantize=True` turns that base back into float weights before the adapter
+    is loaded (what `export --merge` folds the adapter into)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .config import load_config
@@ -126,8 +129,15 @@ def load_trained(run_dir: str | Path, device: str | torch.device = "cpu", trust_
     if method.output == "adapter":
         from peft import PeftModel
 
+        from . import quantize
+
         base_path = str(run.base) if run.base.exists() else cfg.model.name
-        base = AutoModelForCausalLM.from_pretrained(base_path, use_safetensors=True, trust_remote_code=trust_remote_code)
+        # a scratch run's saved base is already quantised (its config.json says how); a pretrained one is quantised here
+        quantized = {} if run.base.exists() else quantize.load_kwargs(cfg, torch.device(device))
+        base = AutoModelForCausalLM.from_pretrained(base_path, use_safetensors=True, trust_remote_code=trust_remote_code, **quantized)
+        base = quantize.finish(base) if quantize.is_quantized(base) else base
+        if dequantize:
+            base = quantize.dequantize(base)
         model = PeftModel.from_pretrained(base, str(run.model))
     else:
         model = AutoModelForCausalLM.from_pretrained(str(run.model), use_safetensors=True, trust_remote_code=trust_remote_code)

@@ -40,7 +40,8 @@ def export(run_dir: str | Path, merge: bool = False, out: str | Path | None = No
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     if merge and method.output == "adapter":
-        model, tokenizer, _ = load_trained(run.path, trust_remote_code=trust_remote_code)
+        # a quantised base (model.quantize) is dequantised first: the adapter is folded into float weights
+        model, tokenizer, _ = load_trained(run.path, trust_remote_code=trust_remote_code, dequantize=True)
         model = method.merged(model)
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))

@@ -184,6 +184,8 @@ def load_model(cfg, tokenizer, device: torch.device, frozen_base: bool = False):
     """The model: pretrained weights (safetensors only) or a seeded random init from a config."""
     from transformers import AutoModelForCausalLM
 
+    from . import quantize
+
     mcfg = cfg.model
     config = model_config(cfg, tokenizer)
     dtype = weights_dtype(cfg, device, frozen_base)
@@ -196,26 +198,34 @@ def load_model(cfg, tokenizer, device: torch.device, frozen_base: bool = False):
                 trust_remote_code=mcfg.trust_remote_code,
                 use_safetensors=True,  # never unpickle weights
                 attn_implementation=mcfg.attn_implementation,
+                **quantize.load_kwargs(cfg, device),  # model.quantize: quantised while loading
             )
         except (OSError, ValueError) as e:
             raise _not_loadable("model.name", "model", mcfg.name, e) from None
+        if mcfg.quantize:
+            model = quantize.finish(model, source=model_source(mcfg.name, "model.name"))
     else:
         torch.manual_seed(cfg.train.seed)
         config._attn_implementation = mcfg.attn_implementation
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=mcfg.trust_remote_code)
+        if mcfg.quantize:
+            model = quantize.quantize_model(model, **quantize.load_kwargs(cfg, device), dtype=dtype,
+                                            keep_full_precision=getattr(cfg.method, "init", None) == "loftq")
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     return model
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts; shared tensors counted once."""
+    """(trainable, total) parameter counts; shared tensors counted once (a packed 4-bit weight by its real size)."""
+    from .quantize import numel
+
     seen, trainable, total = set(), 0, 0
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
+        total += numel(p)
         if p.requires_grad:
             trainable += p.numel()
     return trainable, total

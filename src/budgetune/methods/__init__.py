@@ -22,6 +22,7 @@ class Method:
     Options: type = MethodOptions
     adapter: bool = False  # True: a frozen base with trained additions (its weights stay bf16 on a GPU)
     output: str = "model"  # what save_pretrained writes: "model" (transformers folder) or "adapter" (peft folder)
+    quantized_base: bool = False  # True: runs on a quantised frozen base (model.quantize; peft adapters on bnb layers)
 
     def prepare(self, model, opts):
         """Freeze/wrap the model for training; return the model to train."""

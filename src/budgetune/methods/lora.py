@@ -34,7 +34,7 @@ class LoraOptions(MethodOptions):
     rslora: bool = False  # scale by α/√r instead of α/r
     dora: bool = False  # decompose into magnitude and direction
     plus_ratio: float = 1.0  # LoRA+: learning-rate ratio of B over A (≈16 in the paper); 1 = plain
-    init: str = "default"  # "default" (B = 0) or "pissa" / "pissa_niter_N" (fast randomised SVD, N iterations)
+    init: str = "default"  # "default" (B = 0), "pissa" / "pissa_niter_N" (fast randomised SVD, N iterations), or "loftq" (quantised base: Q(W) + BA ≈ W)
 
 
 @register
@@ -43,6 +43,7 @@ class Lora(Method):
     Options = LoraOptions
     adapter = True
     output = "adapter"
+    quantized_base = True  # peft's LoRA/DoRA layers wrap bitsandbytes 4-/8-bit linears
 
     def peft_config(self, opts):
         from peft import LoraConfig
@@ -55,14 +56,19 @@ class Lora(Method):
             target_modules="all-linear" if targets == ["all-linear"] else targets,
             use_rslora=opts.rslora,
             use_dora=opts.dora,
-            init_lora_weights=True if opts.init == "default" else opts.init,
+            init_lora_weights=True if opts.init in ("default", "loftq") else opts.init,  # loftq: set after wrapping
             task_type="CAUSAL_LM",
         )
 
     def prepare(self, model, opts):
         from peft import get_peft_model
 
-        return get_peft_model(model, self.peft_config(opts))
+        model = get_peft_model(model, self.peft_config(opts))
+        from ..quantize import is_quantized, loftq_init
+
+        if opts.init == "loftq" and is_quantized(model.get_base_model()):  # (the planner prepares float meta-device models)
+            loftq_init(model)
+        return model
 
     def lr_scales(self, opts) -> dict[str, float]:
         return {"lora_B": opts.plus_ratio} if opts.plus_ratio != 1.0 else {}
@@ -117,6 +123,7 @@ class PissaOptions(LoraOptions):
 class Pissa(Lora):
     name = "pissa"
     Options = PissaOptions
+    quantized_base = False  # peft's PiSSA rewrites the base weights, which it does only on float weights
 
     def prepare(self, model, opts):
         if not opts.init.startswith("pissa"):

@@ -20,6 +20,7 @@ class PeftTuner(Method):
 
     adapter = True
     output = "adapter"
+    quantized_base = True  # peft has bitsandbytes layers for IA3, VeRA, MiSS and AdaLoRA (checked on the CPU)
 
     def peft_config(self, opts):
         raise NotImplementedError

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 def matmul_parameters(model) -> tuple[int, int]:
     """(all, trainable) parameters that take part in matmuls: everything but the input embedding."""
+    from ..quantize import numel  # a packed 4-bit weight holds two parameters per element
+
     embedding = model.get_input_embeddings().weight
     tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embedding
     seen, total, trainable = {id(embedding)} if not tied else set(), 0, 0
@@ -18,7 +20,7 @@ def matmul_parameters(model) -> tuple[int, int]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
+        total += numel(p)
         trainable += p.numel() if p.requires_grad else 0
     return total, trainable
 

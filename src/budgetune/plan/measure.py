@@ -82,6 +82,12 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak_rss() -> None:
+    """Set VmHWM back to the current RSS (Linux: writing 5 to /proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def _peak_rss_bytes() -> int:
     from ..metrics import peak_rss_bytes
 
@@ -173,6 +179,19 @@ def _child(request: dict) -> dict:
     AutoModelForCausalLM._model_mapping[type(config)]
     if method.adapter:
         import peft.tuners.lora  # noqa: F401
+    quantized_source = None
+    if recipe.quantize:
+        # the base quantised as training loads a pretrained one: from a safetensors folder, through
+        # transformers' bnb loader (written here, before the baseline; the load's transient is not
+        # the step's peak, so the high-water mark is reset after it — see below)
+        import tempfile
+
+        import bitsandbytes  # noqa: F401
+
+        from ..quantize import bnb_config, finish
+
+        quantized_source = tempfile.TemporaryDirectory(prefix="budgetune-measure-")
+        AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(quantized_source.name)
 
     if cuda:
         torch.cuda.synchronize(device)
@@ -181,7 +200,14 @@ def _child(request: dict) -> dict:
     else:
         baseline = _rss_bytes()
 
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
+    if quantized_source is not None:
+        model = finish(AutoModelForCausalLM.from_pretrained(
+            quantized_source.name, dtype=dtype, quantization_config=bnb_config(recipe.quantize, device, recipe.extra.get("double_quant", True))))
+        quantized_source.cleanup()
+        if not cuda:
+            _reset_peak_rss()
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
     opts = method.Options()
     if hasattr(opts, "r"):
         opts.r = recipe.lora_r

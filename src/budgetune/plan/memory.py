@@ -28,6 +28,11 @@ Terms (bytes), as resident at the predicted peak — `total` is their sum:
 * `weights` — parameters × dtype size: fp32 on CPU and for full FT on CUDA (fp32 master
   weights under bf16 autocast); an adapter method's frozen base is bf16 on CUDA
   (`models.weights_dtype`), its adapter stays fp32. ZeRO-3: ÷ world size.
+  A quantised base (`model.quantize`, QLoRA; `quantized_weight_bytes`): the decoder layers'
+  linear weights in 4 bits (0.5 B/param) plus their absmax constants (one per 64-block: fp32,
+  4/64 B/param; with double quantisation an 8-bit absmax, 1/64 B/param, plus an fp32 constant
+  per 256 absmax) — or int8: 1 B/param plus an fp32 scale per output row; everything else
+  (embeddings, LM head, norms, biases) unquantised at the frozen-base dtype.
 * `gradients` — fp32, trainable parameters only; ZeRO ≥ 2: ÷ world size.
 * `optimizer_states` — AdamW: 2 fp32 moments per trainable parameter; SGD with momentum:
   1; ZeRO ≥ 1: ÷ world size.
@@ -44,7 +49,10 @@ Terms (bytes), as resident at the predicted peak — `total` is their sum:
 * `workspace` — transients: a layer's backward temporaries (≈ one [B,T,max(I, 3H)]
   buffer), the CPU AdamW's per-parameter temporaries (single-tensor path: `sqrt` and the
   division, 2 × the largest parameter; torch uses neither foreach nor fused on CPU), and
-  under ZeRO-3 one gathered layer of full weights.
+  under ZeRO-3 one gathered layer of full weights; with a quantised base, the dequantisation
+  workspace: each quantised matmul dequantises its weight to the compute dtype (fp32 on CPU,
+  bf16 on CUDA) for forward and again in backward, one [out, in] weight at a time — the
+  largest linear of a layer, counted in the backward moments.
 * `comm_buffers` — plain data parallel (world > 1, ZeRO 0): DDP's gradient buckets, a
   second copy of the gradients that lives for the whole run (accelerate leaves
   `gradient_as_bucket_view` off). DeepSpeed's own reduce buckets are not modelled.
@@ -250,6 +258,30 @@ def lora_linears(arch: _Arch, targets: tuple[str, ...]) -> list[_Linear]:
     return out
 
 
+QUANT_BLOCK = 64  # bitsandbytes' 4-bit block size (one absmax per block)
+QUANT_BLOCK2 = 256  # double quantisation: absmax values per second-level block
+
+
+def quantized_weight_bytes(arch: _Arch, kind: str, double_quant: bool = True) -> tuple[int, int]:
+    """(bytes of the quantised linear weights with their constants, parameters quantised): every
+    nn.Linear of the decoder layers (transformers' bnb loader skips the LM head)."""
+    linears = [(lin.in_features, lin.out_features) for lin in arch.layer_linears] * arch.layers
+    n = sum(i * o for i, o in linears)
+    if kind == "int8":
+        return n + sum(4 * o for _, o in linears), n  # 1 byte each + an fp32 scale per output row
+    if kind not in ("nf4", "fp4"):
+        raise ValueError(f"memory model: unknown quantisation {kind!r}")
+    total = 0
+    for i, o in linears:
+        blocks = -(-i * o // QUANT_BLOCK)
+        if double_quant:  # 8-bit absmax + fp32 absmax of each 256 of them, a 256-entry fp32 code and an offset
+            constants = blocks + 4 * -(-blocks // QUANT_BLOCK2) + 4 * 256 + 4
+        else:
+            constants = 4 * blocks
+        total += (i * o + 1) // 2 + constants + 4 * 16  # + the 16-entry fp32 code of the 4-bit type
+    return total, n
+
+
 def trainable_parameters(arch: _Arch, recipe: Recipe) -> int:
     if recipe.method == "full":
         return arch.parameters
@@ -367,6 +399,11 @@ def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_b
     trainable = trainable_parameters(arch, recipe) if formula else counted_trainable_parameters(config, recipe)
     base_bytes = 2 if (cuda and adapter) else 4
     weights = arch.parameters * base_bytes + (trainable * 4 if adapter else 0)
+    dequant_ws = 0
+    if recipe.quantize and adapter:  # QLoRA: the decoder linears quantised, the rest at base_bytes
+        q_bytes, q_params = quantized_weight_bytes(arch, recipe.quantize, recipe.extra.get("double_quant", True))
+        weights += q_bytes - q_params * base_bytes
+        dequant_ws = max(lin.in_features * lin.out_features for lin in arch.layer_linears) * base_bytes
     total_params = arch.parameters + (trainable if adapter else 0)
     if cuda and recipe.precision == "bf16-mixed" and not adapter:
         weights += 2 * arch.parameters  # autocast caches a bf16 copy of each weight for the step
@@ -454,7 +491,7 @@ def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_b
             gradients=max(g_accum, above),
             activations=below * saved_per_layer + rotary + recomputed,
             attention_mask=below * mask_per_layer + mask_resident + (float_mask if recipe.gradient_checkpointing else 0),
-            logits_loss=0, workspace=layer_ws + zero3_ws)
+            logits_loss=0, workspace=layer_ws + zero3_ws + dequant_ws)
     if not adapter and arch.tied:
         # the embedding's gradient is computed apart and added into the tied weight's .grad
         moments["backward, embedding"] = dict(gradients=g_total, activations=0, attention_mask=0, logits_loss=0,

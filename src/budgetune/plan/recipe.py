@@ -19,6 +19,7 @@ class Recipe:
     # Adapter methods on a GPU keep the frozen base in bf16 (see models.weights_dtype).
     precision: Literal["fp32", "bf16-mixed"] = "fp32"
     optimizer: str = "adamw"  # a name in budgetune.optim.OPTIMIZERS
+    quantize: str | None = None  # QLoRA: the frozen base quantised (nf4, fp4, int8); adapter methods only
     packed: bool = True
     world_size: int = 1
     zero_stage: int = 0

@@ -1,16 +1,19 @@
 """Recipe search: enumerate what the config leaves open, drop what does not fit, rank the rest.
 
-The dimensions are method (full / LoRA), micro-batch × accumulation (the tokens per
+The dimensions are method (full / LoRA), a quantised base (QLoRA: nf4, for adapter methods
+that run on one, unless `model.quantize` is set), micro-batch × accumulation (the tokens per
 optimizer step stay as configured), and gradient checkpointing; precision follows the
 device (fp32 on CPU, bf16 autocast on GPUs). Anything the user set in the config or on
 the command line is pinned. Ranking: full fine-tuning before LoRA when both fit and the
-method is open (it trains every weight), then predicted tokens/s — calibrated by a short
+method is open (it trains every weight), an unquantised base before a quantised one (QLoRA
+is chosen only when nothing unquantised fits), then predicted tokens/s — calibrated by a short
 probe on the real device when `plan.probe` is on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,12 +220,23 @@ def candidate_recipes(cfg, device: torch.device, planned_rows: int | None = None
         # the config's own method keeps all its options; an alternative the planner adds gets its defaults and r
         return dataclasses.asdict(cfg.method) if method == cfg.method.name else {"name": method, "r": r}
 
+    def quantizations(method: str) -> list:
+        # model.quantize set (even to null) is pinned; otherwise QLoRA (nf4) is a candidate for a
+        # method that runs on a quantised base, when bitsandbytes is installed
+        if "model.quantize" in pinned or cfg.model.quantize:
+            return [cfg.model.quantize]
+        from ..methods import METHODS
+
+        if getattr(METHODS.get(method), "quantized_base", False) and importlib.util.find_spec("bitsandbytes"):
+            return [None, "nf4"]
+        return [None]
+
     return [
         Recipe(method=m, lora_r=r, micro_batch=mb, grad_accum=ga, seq_len=cfg.data.seq_len, gradient_checkpointing=ck,
                world_size=world, zero_stage=zero,
-               precision=device_precision, optimizer=cfg.optim.name, packed=cfg.data.pack,
-               extra={"method_options": options(m), **optimizer_extra(cfg)})
-        for m in methods for mb, ga in shapes for ck in ckpts
+               precision=device_precision, optimizer=cfg.optim.name, packed=cfg.data.pack, quantize=q,
+               extra={"method_options": options(m), "double_quant": cfg.model.double_quant, **optimizer_extra(cfg)})
+        for m in methods for q in quantizations(m) for mb, ga in shapes for ck in ckpts
     ]
 
 
@@ -263,7 +277,8 @@ def make_plan(cfg, probe_steps: int | None = None, log=print, measure_batch_spee
         return out
 
     method_rank = {"full": 0, "lora": 1}
-    rank = lambda c: (not c.fits, method_rank.get(c.recipe.method, 2), -c.tokens_per_s, c.recipe.gradient_checkpointing, -c.recipe.micro_batch)  # noqa: E731
+    rank = lambda c: (not c.fits, method_rank.get(c.recipe.method, 2), c.recipe.quantize is not None, -c.tokens_per_s,  # noqa: E731
+                      c.recipe.gradient_checkpointing, -c.recipe.micro_batch)
     candidates = sorted(evaluate(candidate_recipes(cfg, device)), key=rank)
     notes = []
     batch, measured = None, None
@@ -322,14 +337,21 @@ def _calibrate(config, candidates: list[Candidate], steps: int, device: torch.de
 
     for c in candidates:
         torch.manual_seed(0)
-        model = prepare_method(AutoModelForCausalLM.from_config(config).to(device), c.recipe)
+        model = AutoModelForCausalLM.from_config(config).to(device)
+        if c.recipe.quantize:  # the probe runs on the quantised base it times
+            from ..quantize import bnb_config, quantize_model
+
+            model = quantize_model(model, bnb_config(c.recipe.quantize, device, c.recipe.extra.get("double_quant", True)),
+                                   torch.bfloat16 if c.recipe.precision == "bf16-mixed" else torch.float32)
+        model = prepare_method(model, c.recipe)
         if c.recipe.gradient_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if c.recipe.precision == "bf16-mixed" else _null()
         with autocast:
             result = probe(model, c.recipe, c.flops_per_token, steps, device)
         c.tokens_per_s, c.probed = result.tokens_per_s, True
-        log(f"probe {c.recipe.method} mb={c.recipe.micro_batch} ckpt={c.recipe.gradient_checkpointing}: {result.tokens_per_s:,.0f} tokens/s")
+        log(f"probe {c.recipe.method}{'+' + c.recipe.quantize if c.recipe.quantize else ''} mb={c.recipe.micro_batch} "
+            f"ckpt={c.recipe.gradient_checkpointing}: {result.tokens_per_s:,.0f} tokens/s")
         del model
 
 
@@ -357,6 +379,8 @@ def apply_plan(cfg, plan: Plan):
         overrides["optim"] = {"lr": plan.batch.lr}
     if "model.gradient_checkpointing" not in cfg.explicit:
         overrides["model"] = {"gradient_checkpointing": r.gradient_checkpointing}
+    if "model.quantize" not in cfg.explicit and r.quantize != cfg.model.quantize:
+        overrides.setdefault("model", {})["quantize"] = r.quantize  # QLoRA: LoRA did not fit unquantised
     if not overrides:
         return cfg
     planned = load_config(cfg, overrides)
@@ -369,10 +393,11 @@ def recipe_from_config(cfg, device: torch.device) -> Recipe:
     return Recipe(
         world_size=world, zero_stage=zero,
         method=cfg.method.name, lora_r=getattr(cfg.method, "r", 16),
-        extra={"method_options": dataclasses.asdict(cfg.method), **optimizer_extra(cfg)},
+        extra={"method_options": dataclasses.asdict(cfg.method), "double_quant": cfg.model.double_quant, **optimizer_extra(cfg)},
         micro_batch=cfg.train.micro_batch,
         grad_accum=cfg.train.grad_accum, seq_len=cfg.data.seq_len, gradient_checkpointing=cfg.model.gradient_checkpointing,
         precision="bf16-mixed" if device.type == "cuda" else "fp32", optimizer=cfg.optim.name, packed=cfg.data.pack,
+        quantize=cfg.model.quantize,
     )
 
 
