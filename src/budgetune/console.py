@@ -75,9 +75,9 @@ def print_plan(plan, limit: int = 12) -> None:
     """The ranked recipes as a table, then what does not fit and why."""
     from rich.table import Table
 
-    from .units import format_bytes
+    from .units import describe_bytes, format_bytes
 
-    table = Table(title=f"plan for {plan.device} — memory budget {format_bytes(plan.memory_budget)}", show_lines=False)
+    table = Table(title=f"plan for {plan.device} — memory budget {describe_bytes(plan.memory_budget)}", show_lines=False)
     for col in ("#", "method", "batch", "ckpt", "memory", "tok/s", "in budget", "epochs", "trainable"):
         table.add_column(col, justify="right" if col not in ("method",) else "left", no_wrap=True)
     for i, c in enumerate(plan.fitting[:limit], 1):

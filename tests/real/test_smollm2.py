@@ -22,8 +22,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def run(smollm2_gguf, tmp_path_factory):
-    import budgetune.train as train_module
+    import sys
+
     from budgetune.config import load_config
+    from budgetune.train import train
+
+    train_module = sys.modules["budgetune.train"]  # the package exports the function under the same name
 
     tmp = tmp_path_factory.mktemp("smollm2")
     train_file, eval_file, held = stdlib_api_chat(tmp / "data", heldout=8, limit=48)
@@ -43,7 +47,7 @@ def run(smollm2_gguf, tmp_path_factory):
     lines = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train_module, "say", lambda message, *a, **k: lines.append(str(message)))
-        summary = train_module.train(cfg)
+        summary = train(cfg)
     return {"summary": summary, "cfg": cfg, "log": lines, "held": held, "train_file": train_file, "tmp": tmp}
 
 
