@@ -1,6 +1,6 @@
 """LoRA fine-tuning of the real SmolLM2-135M-Instruct (from its GGUF file) for a few steps.
 
-One module-scoped run (seq_len 256, 3 steps) is shared by the asserts: the model's own chat
+One module-scoped run (seq_len 256, 3 steps of one row) is shared by the asserts: the model's own chat
 template renders the data, the loss mask is exactly the assistant tokens under the real
 tokenizer, held-out loss falls, and the adapter and merged exports load with plain
 transformers/peft and generate (GGUF → train → export → reload).
@@ -38,7 +38,7 @@ def run(smollm2_gguf, tmp_path_factory):
         "optim": {"lr": 2e-3},
         "schedule": {"name": "constant", "warmup": 0.0},
         "budget": {"steps": 3},
-        "train": {"micro_batch": 2},
+        "train": {"micro_batch": 1},
         "eval": {"every": None, "max_tokens": 4096},
         "checkpoint": {"every": None},
         "plan": {"auto": False},
