@@ -92,7 +92,7 @@ def demo_chat(overrides=None, overwrite: bool = True, quiet: bool = False) -> di
     return summary
 
 
-def chat_answers(model, tokenizer, questions: list[str], max_new_tokens: int = 48, batch: int = 12) -> list[str]:
+def chat_answers(model, tokenizer, questions: list[str], max_new_tokens: int = 64, batch: int = 12) -> list[str]:
     """Greedy answers to single-turn chat questions, rendered with the model's own template."""
     model.eval()
     side = tokenizer.padding_side

@@ -31,9 +31,11 @@ def smollm2_gguf(_isolated_cache) -> Path:
         pytest.skip(f"the real model could not be fetched (`budgetune fetch smollm2-135m-instruct`): {e}")
     finally:
         os.environ["BUDGETUNE_CACHE"] = str(_isolated_cache)
-    # the session's isolated cache sees the same dequantised copy (making it again takes half a minute)
-    link = _isolated_cache / "gguf" / folder.name
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if not link.exists():
-        link.symlink_to(folder, target_is_directory=True)
+    # the session's isolated cache sees the same file (model.name: smollm2-135m-instruct) and
+    # the same dequantised copy (making it again takes half a minute)
+    for link, target in ((_isolated_cache / "models" / path.parent.name, path.parent),
+                         (_isolated_cache / "gguf" / folder.name, folder)):
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to(target, target_is_directory=True)
     return path
