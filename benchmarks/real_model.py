@@ -35,7 +35,7 @@ def config(work: Path, method: str, steps: int) -> dict:
         "method": {"name": method, **({"r": 16, "alpha": 32} if method == "lora" else {})},
         "optim": {"lr": 1e-3 if method == "lora" else 1e-5},
         "budget": {"steps": steps},
-        "train": {"micro_batch": 4},
+        "train": {"micro_batch": 4, "grad_accum": 1},
         "eval": {"every": None, "max_tokens": 1024},
         "checkpoint": {"every": None},
         "output": {"dir": str(work / f"run-{method}"), "overwrite": True, "report": False},

@@ -19,7 +19,7 @@ def test_demo_chat_end_to_end(smollm2_gguf, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo_module, "CHAT_HELDOUT", 4)
     monkeypatch.setattr(demo_module, "CHAT_SHOWN", 2)
     out_dir = tmp_path / "demo-chat"
-    assert main(["demo", "chat", "--budget.steps", "1", "--train.micro_batch", "1", "--output.dir", str(out_dir)]) == 0
+    assert main(["demo", "chat", "--budget.steps", "1", "--train.micro_batch", "1", "--train.grad_accum", "1", "--output.dir", str(out_dir)]) == 0
     text = capsys.readouterr().out
     assert text.count("base:") == 2 and text.count("tuned:") == 2 and text.count("docstring:") == 2
     assert "format accuracy" in text and "held-out loss" in text

@@ -38,7 +38,7 @@ def run(smollm2_gguf, tmp_path_factory):
         "optim": {"lr": 2e-3},
         "schedule": {"name": "constant", "warmup": 0.0},
         "budget": {"steps": 3},
-        "train": {"micro_batch": 1},
+        "train": {"micro_batch": 1, "grad_accum": 1},
         "eval": {"every": None, "max_tokens": 4096},
         "checkpoint": {"every": None},
         "plan": {"auto": False},
