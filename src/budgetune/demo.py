@@ -70,6 +70,8 @@ def demo_chat(overrides=None, overwrite: bool = True, quiet: bool = False) -> di
     del base
     summary = train(cfg, overwrite=overwrite, quiet=quiet)
     tuned, tokenizer, _ = load_trained(summary["run_dir"])
+    if hasattr(tuned, "merge_and_unload"):
+        tuned = tuned.merge_and_unload()  # the same function; generation runs without the adapter's extra matmuls
     say(f"the tuned model answers the same {len(questions)} questions ...", not quiet)
     after = chat_answers(tuned, tokenizer, questions)
     acc_before, acc_after = (sum(map(api_format_ok, held, answers)) / len(held) for answers in (before, after))
