@@ -15,6 +15,7 @@ from .data.corpora import api_format_ok
 
 CHAT_HELDOUT = 24  # held-out questions: format accuracy is over all of them
 CHAT_SHOWN = 5  # of which the first few are printed side by side
+CHAT_ANSWER_TOKENS = 64  # new tokens per answer (a full answer is ~20-50)
 
 
 def demo(overrides=None, overwrite: bool = True, quiet: bool = False, which: str = "default") -> dict:
@@ -66,14 +67,14 @@ def demo_chat(overrides=None, overwrite: bool = True, quiet: bool = False) -> di
     tokenizer = load_tokenizer(cfg, log=lambda m: None)  # a model not fetched yet: the error says how
     base = load_model(cfg, tokenizer, torch.device("cpu"))
     say(f"the base model answers {len(questions)} held-out questions ...", not quiet)
-    before = chat_answers(base, tokenizer, questions)
+    before = chat_answers(base, tokenizer, questions, CHAT_ANSWER_TOKENS)
     del base
     summary = train(cfg, overwrite=overwrite, quiet=quiet)
     tuned, tokenizer, _ = load_trained(summary["run_dir"])
     if hasattr(tuned, "merge_and_unload"):
         tuned = tuned.merge_and_unload()  # the same function; generation runs without the adapter's extra matmuls
     say(f"the tuned model answers the same {len(questions)} questions ...", not quiet)
-    after = chat_answers(tuned, tokenizer, questions)
+    after = chat_answers(tuned, tokenizer, questions, CHAT_ANSWER_TOKENS)
     acc_before, acc_after = (sum(map(api_format_ok, held, answers)) / len(held) for answers in (before, after))
     if not quiet:
         console.rule("what the budget bought")

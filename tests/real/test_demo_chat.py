@@ -21,6 +21,7 @@ def test_demo_chat_end_to_end(smollm2_gguf, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(demo_module, "CHAT_HELDOUT", 4)
     monkeypatch.setattr(demo_module, "CHAT_SHOWN", 2)
+    monkeypatch.setattr(demo_module, "CHAT_ANSWER_TOKENS", 12)  # generation is most of this test's time
     out_dir = tmp_path / "demo-chat"
     assert main(["demo", "chat", "--budget.steps", "1", "--budget.time", "30m", "--train.micro_batch", "1", "--train.grad_accum", "1", "--output.dir", str(out_dir)]) == 0
     text = capsys.readouterr().out
