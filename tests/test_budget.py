@@ -6,7 +6,7 @@ import pytest
 
 from budgetune.budget import Budget, BudgetClock
 from budgetune.config import BudgetConfig
-from budgetune.units import format_count, format_duration, parse_count, parse_duration
+from budgetune.units import describe_bytes, format_count, format_duration, parse_bytes, parse_count, parse_duration
 
 
 class FakeClock:
@@ -88,6 +88,27 @@ def test_format_duration(seconds, text):
 @pytest.mark.parametrize("n, text", [(0, "0"), (999, "999"), (1500, "1.50k"), (2.5e6, "2.50M"), (3e9, "3.00B"), (1e12, "1.00T"), (-2000, "-2.00k")])
 def test_format_count(n, text):
     assert format_count(n) == text
+
+
+@pytest.mark.parametrize(
+    "value, n",
+    [("24GB", 24 * 10**9), ("24GiB", 24 * 2**30), ("24 gib", 24 * 2**30), ("1TB", 10**12), ("1TiB", 2**40),
+     ("512MB", 512 * 10**6), ("512MiB", 512 * 2**20), ("2e9", 2e9), (4096, 4096)],
+)
+def test_parse_bytes_keeps_si_and_binary_units_apart(value, n):
+    assert parse_bytes(value) == n
+
+
+@pytest.mark.parametrize("value", ["24 G", "24GBs", "lots", "-1GB", "24 GiGB"])
+def test_parse_bytes_rejects(value):
+    with pytest.raises(ValueError):
+        parse_bytes(value)
+
+
+def test_describe_bytes_says_both_readings():
+    assert describe_bytes(24 * 2**30) == "24.00 GiB = 25.77 GB"
+    assert describe_bytes(24 * 10**9) == "22.35 GiB = 24.00 GB"
+    assert describe_bytes(2**40) == "1.00 TiB = 1.10 TB"
 
 
 def test_budget_from_config_and_describe():

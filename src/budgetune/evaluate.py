@@ -130,8 +130,9 @@ def load_trained(run_dir: str | Path, device: str | torch.device = "cpu", trust_
         from peft import PeftModel
 
         from . import quantize
+        from .models import model_files
 
-        base_path = str(run.base) if run.base.exists() else cfg.model.name
+        base_path = str(run.base) if run.base.exists() else model_files(cfg.model)  # a GGUF base: its cached dequantised folder
         # a scratch run's saved base is already quantised (its config.json says how); a pretrained one is quantised here
         quantized = {} if run.base.exists() else quantize.load_kwargs(cfg, torch.device(device))
         base = AutoModelForCausalLM.from_pretrained(base_path, use_safetensors=True, trust_remote_code=trust_remote_code, **quantized)

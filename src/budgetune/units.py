@@ -52,13 +52,25 @@ def parse_count(value: str | float | int) -> float:
     return _parse(value, _COUNT, _SCALE, "count", "5M, 2e9")
 
 
-_BYTES = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(b|kb|mb|gb|tb|kib|mib|gib|tib)?\s*$", re.I)
-_BYTE_SCALE = {None: 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_BYTES = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*(b|kb|mb|gb|tb|pb|kib|mib|gib|tib|pib)?\s*$", re.I)
+_BYTE_SCALE = {None: 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50}
 
 
 def parse_bytes(value: str | float | int) -> float:
-    """Bytes from `24GB`, `24GiB`, `512MB` or a plain number. GB means 10^9, GiB 2^30."""
-    return _parse(value, _BYTES, _BYTE_SCALE, "size", "24GB, 80GiB, 512MB")
+    """Bytes from `24GB`, `24GiB`, `512MB` or a plain number. The SI units are powers of ten
+    (GB = 10^9), the IEC ones powers of two (GiB = 2^30): distinct, as the standards say. A
+    "24 GB" GPU has 24 GiB; describe_bytes shows which value was used."""
+    return _parse(value, _BYTES, _BYTE_SCALE, "size", "24GB, 24GiB, 512MB")
+
+
+def describe_bytes(n: float) -> str:
+    """Both readings of a byte count, e.g. `24.00 GiB = 25.77 GB`: no doubt which one is meant."""
+    for binary, decimal, b_scale, d_scale in (("TiB", "TB", 2**40, 10**12), ("GiB", "GB", 2**30, 10**9),
+                                              ("MiB", "MB", 2**20, 10**6), ("KiB", "kB", 2**10, 10**3)):
+        if abs(n) >= b_scale:
+            return f"{n / b_scale:.2f} {binary} = {n / d_scale:.2f} {decimal}"
+    return f"{n:.0f} B"
 
 
 def format_bytes(n: float) -> str:

@@ -144,6 +144,18 @@ def target_device(cfg) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _memory_note(cfg, memory_budget: int) -> str:
+    """Which bytes value the planner used: GB (10^9) and GiB (2^30) differ by 7%."""
+    from ..units import describe_bytes
+
+    if cfg.budget.memory is None:
+        return f"memory budget {describe_bytes(memory_budget)}: what the device has (95% of a GPU, 90% of free RAM)"
+    note = f"budget.memory {cfg.budget.memory!r} read as {memory_budget:,} bytes = {describe_bytes(memory_budget)}"
+    if isinstance(cfg.budget.memory, str) and cfg.budget.memory.strip().lower().endswith(("gb", "tb")):
+        note += " (GB/TB are powers of ten; a card sold as \"24 GB\" has 24 GiB: write GiB for powers of two)"
+    return note
+
+
 def memory_budget_bytes(cfg, device: torch.device) -> int:
     from ..errors import ConfigError
 
@@ -280,7 +292,7 @@ def make_plan(cfg, probe_steps: int | None = None, log=print, measure_batch_spee
     rank = lambda c: (not c.fits, method_rank.get(c.recipe.method, 2), c.recipe.quantize is not None, -c.tokens_per_s,  # noqa: E731
                       c.recipe.gradient_checkpointing, -c.recipe.micro_batch)
     candidates = sorted(evaluate(candidate_recipes(cfg, device)), key=rank)
-    notes = []
+    notes = [_memory_note(cfg, memory_budget)]
     batch, measured = None, None
     if batch_is_open(cfg) and candidates:
         # the objective is the model at the end of the budget: the batch follows the tokens it buys
