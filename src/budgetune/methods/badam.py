@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from ..config import MethodOptions
+from ..method_options import MethodOptions
 from . import Method, register
 from .lisa import decoder_layers
 

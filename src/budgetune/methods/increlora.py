@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import MethodOptions
+from ..method_options import MethodOptions
 from . import Method, register
 
 

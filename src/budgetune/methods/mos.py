@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import MethodOptions
+from ..method_options import MethodOptions
 from . import register
 from .tied_lora import TiedLora
 
