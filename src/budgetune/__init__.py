@@ -10,7 +10,7 @@ from .demo import demo
 from .errors import BudgetuneError, ConfigError, DataError
 from .evaluate import evaluate
 from .export import export
-from .fetch import fetch
+from .models import fetch
 from .plan.search import make_plan as plan
 from .report import report
 from .train import train

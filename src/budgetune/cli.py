@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
             demo(rest, quiet=args.quiet, which=args.which)
         elif args.command == "fetch":
-            from .fetch import fetch
+            from .models import fetch
 
             print(fetch(args.model, log=lambda m: print(m, file=sys.stderr)))
         elif args.command == "eval":

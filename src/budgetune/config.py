@@ -433,7 +433,7 @@ def _validate(cfg: Config) -> None:
     _validate_data(cfg)
     from .quantize import check_config
 
-    check_config(cfg)  # model.quantize / method.init: loftq with a method that can run on a quantised base
+    check_config(cfg, METHODS)  # model.quantize / method.init: loftq with a method that can run on a quantised base
     _validate_paths(cfg)
 
 

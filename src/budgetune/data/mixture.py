@@ -144,8 +144,7 @@ def per_source(lengths: np.ndarray, source: np.ndarray, picked: np.ndarray, sour
 def plan_note(cfg, tokens_in_budget: float | None) -> str | None:
     """The planner's per-source view: each source's unique tokens (estimated from file sizes) and the
     epochs of it that its share of the budget's tokens buys. None for a single source."""
-    from ..plan.search import estimate_unique_tokens
-    from .sources import resolve
+    from .sources import estimate_unique_tokens, resolve
 
     sources = sources_of(cfg.data)
     if len(sources) < 2:

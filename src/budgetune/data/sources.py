@@ -252,3 +252,17 @@ def _read_datasets_folder(path: Path) -> Iterator[tuple[dict, str]]:
         loaded = loaded["train"]
     for row, record in enumerate(loaded):
         yield record, f"{path}:row {row}"
+
+
+CHARS_PER_TOKEN = 3.6  # rough for English/code with a BPE tokenizer; only used before tokenisation
+
+
+def estimate_unique_tokens(cfg) -> float | None:
+    """Tokens in data.train, from file sizes (for planning, before anything is tokenised); None
+    when the data is not on this machine (planning for another machine is allowed)."""
+    try:
+        files = resolve(cfg.data.train, cfg.data.max_files, all_files=cfg.data.format == "text")
+    except (DataError, OSError):
+        return None
+    size = sum(f.stat().st_size if f.is_file() else sum(p.stat().st_size for p in Path(f).rglob("*") if p.is_file()) for f in files)
+    return size / CHARS_PER_TOKEN

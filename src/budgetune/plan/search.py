@@ -23,13 +23,13 @@ import torch
 from ..optim import updates_in_backward
 from ..units import format_bytes, format_count, parse_bytes, parse_count, parse_duration
 from ..budget import Budget
+from ..data.sources import estimate_unique_tokens
 from .batch import BatchChoice, choose_batch, rows_from_batch_tokens
 from .memory import MemoryEstimate, allocator_basis, estimate_memory, with_allocator
 from .recipe import Recipe, prepare_method
 from .scaling import ScratchProposal, propose_scratch
 from .throughput import device_flops_guess, probe, step_flops_per_token
 
-CHARS_PER_TOKEN = 3.6  # rough for English/code with a BPE tokenizer; only used before tokenisation
 
 
 @dataclass
@@ -125,17 +125,6 @@ def parameter_counts(config, recipe: Recipe) -> tuple[int, int, int]:
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     n_matmul, n_trainable = matmul_parameters(model)
     return total, n_matmul, n_trainable
-
-
-def estimate_unique_tokens(cfg) -> float | None:
-    from ..data.sources import resolve
-
-    try:
-        files = resolve(cfg.data.train, cfg.data.max_files, all_files=cfg.data.format == "text")
-    except Exception:  # planning a config whose data is not on this machine is allowed
-        return None
-    size = sum(f.stat().st_size if f.is_file() else sum(p.stat().st_size for p in Path(f).rglob("*") if p.is_file()) for f in files)
-    return size / CHARS_PER_TOKEN
 
 
 def target_device(cfg) -> torch.device:
