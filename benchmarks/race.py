@@ -180,7 +180,9 @@ def run_peer(spec: dict) -> dict:
         dataset = Dataset.from_list(examples)
 
         def make(max_steps: int, out: str, m):
-            args = SFTConfig(output_dir=out, max_steps=max_steps, max_length=cfg.data.seq_len,
+            # the examples are already cut to seq_len (budgetune's data layer); TRL refuses max_length with
+            # padding_free unless it packs, so it gets None there
+            args = SFTConfig(output_dir=out, max_steps=max_steps, max_length=None if kind == "trl_padding_free" else cfg.data.seq_len,
                              padding_free=kind == "trl_padding_free", packing=kind == "trl_packing", **common)
             trainer = SFTTrainer(model=m, args=args, train_dataset=dataset, processing_class=tokenizer)
             trainer.data_collator = counting(trainer.data_collator)
@@ -245,13 +247,14 @@ NAMES = {"budgetune": "budgetune defaults", "budgetune_half": "budgetune default
          "trainer_chunked": "Trainer, concatenate-and-chunk"}
 
 
-def race(work: Path, name: str, seconds: float, seed: int, lr: float, peers: list[str] | None = None) -> list[dict]:
+def race(work: Path, name: str, seconds: float, seed: int, lr: float, peers: list[str] | None = None,
+         peers_only: bool = False) -> list[dict]:
     cfg = task_config(work, name, lr)
     cfg["train"] = {"seed": seed}
     # tokenise (and train the tokenizer) once before anyone's clock starts: every contestant reads the cache
     in_process("warm", {"config": {**cfg, "budget": {"time": f"{seconds}s"}, "output": {"dir": str(work / "unused")}}})
     out = []
-    for kind in ["budgetune", "budgetune_half"] + (peers or PEERS[name]):
+    for kind in ([] if peers_only else ["budgetune", "budgetune_half"]) + (peers or PEERS[name]):
         try:
             if kind.startswith("budgetune"):
                 t = seconds / 2 if kind == "budgetune_half" else seconds
@@ -265,8 +268,9 @@ def race(work: Path, name: str, seconds: float, seed: int, lr: float, peers: lis
                       "tokens_per_step": 0, "recipe": {"micro_batch": 0, "grad_accum": 0}, "lr": 0, "evals": []}
         out.append({"race": name, "seed": seed, "seconds": seconds, "contestant": kind, **result})
         print(json.dumps(out[-1]), flush=True)
-    best_peer = min(out[2:], key=lambda r: r["eval_loss"])
-    out[0]["best_peer_loss"] = out[1]["best_peer_loss"] = best_peer["eval_loss"]
+    if not peers_only:
+        best_peer = min(out[2:], key=lambda r: r["eval_loss"])
+        out[0]["best_peer_loss"] = out[1]["best_peer_loss"] = best_peer["eval_loss"]
     return out
 
 
@@ -307,6 +311,7 @@ def main() -> None:
     ap.add_argument("--races", default="finetune-full,pretrain,finetune-lora")
     ap.add_argument("--peers", help="comma-separated subset of the peers (default: all for each race)")
     ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--peers-only", action="store_true", help="run only the peers (to add or repeat one)")
     ap.add_argument("--work", help="work folder (reuses its base model, data and caches)")
     ap.add_argument("--batch-sweep", help="instead of the race: budgetune with train.batch_tokens pinned to each of "
                                           "these (comma-separated), to check the planner's batch rule")
@@ -319,11 +324,11 @@ def main() -> None:
     rows = []
     for name in args.races.split(","):
         for seed in [int(s) for s in args.seeds.split(",")]:
-            rows += race(work, name, args.seconds, seed, args.lr, args.peers.split(",") if args.peers else None)
+            rows += race(work, name, args.seconds, seed, args.lr, args.peers.split(",") if args.peers else None, args.peers_only)
     print()
     print(table(rows))
     for r in rows:
-        if r["contestant"].startswith("budgetune"):
+        if r["contestant"].startswith("budgetune") and "best_peer_loss" in r:
             share = "0.5× the budget" if r["contestant"] == "budgetune_half" else "the full budget"
             print(f"- {r['race']} seed {r['seed']}, {share}: budgetune chose {r['recipe']['micro_batch']}×{r['recipe']['grad_accum']} "
                   f"rows/step at LR {r['lr']:.3g}: loss {r['eval_loss']:.3f} vs best peer {r['best_peer_loss']:.3f} "
