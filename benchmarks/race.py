@@ -23,8 +23,8 @@ their documented defaults: batch 8 examples, linear decay, no warmup, Adam β2 0
 - TRL `SFTTrainer`, `packing=True` (BFD packing, fine-tuning);
 - transformers `Trainer`, per-example dynamic padding (fine-tuning);
 - transformers `Trainer`, concatenate-and-chunk (the run_clm recipe, pre-training).
-A peer's `max_steps` comes from 5 timed steps of a throwaway copy (not charged to its budget), and a
-callback stops it when the wall-clock budget is up; its clock starts before its data preparation,
+A peer's `max_steps` comes from the last 5 of 8 steps of a throwaway copy (not charged to its
+budget), and a callback stops it when the wall-clock budget is up; its clock starts before its data preparation,
 and its final eval is not charged. Every contestant's held-out loss is the same function
 (`budgetune.evaluate.heldout_loss`) on the same packed held-out rows.
 """
@@ -196,10 +196,21 @@ def run_peer(spec: dict) -> dict:
             args = TrainingArguments(output_dir=out, max_steps=max_steps, remove_unused_columns=False, **common)
             return Trainer(model=m, args=args, train_dataset=examples, data_collator=counting(pad))
 
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.ends = []
+
+        def on_step_end(self, args, state, control, **kw):
+            self.ends.append(time.monotonic())
+
     with tempfile.TemporaryDirectory() as out:
-        probe_started = time.monotonic()  # the throughput guess: 5 timed steps of a throwaway copy, not charged
-        make(5, out, copy.deepcopy(model)).train()
-        step_s = (time.monotonic() - probe_started) / 5
+        # the throughput guess, not charged to the budget: 8 steps of a throwaway copy, the last 5 timed
+        # (the first ones pay for set-up and warm-up and would make max_steps too small)
+        probe_started, times = time.monotonic(), StepTimes()
+        probe = make(8, out, copy.deepcopy(model))
+        probe.add_callback(times)
+        probe.train()
+        step_s = (times.ends[-1] - times.ends[-6]) / 5
         started += time.monotonic() - probe_started
         max_steps = max(1, int((budget - (time.monotonic() - started)) / step_s))
         counted["tokens"] = 0
