@@ -161,7 +161,8 @@ def run_peer(spec: dict) -> dict:
     def counting(collate):
         def wrapped(features):
             batch = collate(features)
-            counted["tokens"] += int((batch["labels"] != -100).sum()) if "position_ids" in batch else int(batch["attention_mask"].sum())
+            # non-padding tokens, prompts included (as budgetune counts): a padding-free batch is one unpadded row
+            counted["tokens"] += int(batch["input_ids"].numel()) if "attention_mask" not in batch else int(batch["attention_mask"].sum())
             return batch
         return wrapped
 
