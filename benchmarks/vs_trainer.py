@@ -1,6 +1,8 @@
 """budgetune against the standard recipe (transformers `Trainer` + peft), same model, data, machine.
 
-    python benchmarks/vs_trainer.py [--minutes 3] [--parts quality,throughput] [--work DIR]
+    python benchmarks/vs_trainer.py [--work DIR]
+
+(Quality at equal wall-clock against TRL and the Trainer: benchmarks/race.py.)
 
 Every run is its own process (clean peak-memory readings); results print as markdown tables.
 
@@ -18,11 +20,7 @@ The baseline, done as a careful user would with the standard stack:
   not charged).
 Held-out loss of both: budgetune's `heldout_loss` on the same packed held-out rows.
 
-Parts:
-1. quality — pre-training (the demo corpus, from scratch) and fine-tuning (docstring →
-   function chats, full FT of a demo-pretrained base) at an equal wall-clock budget; the
-   time budgetune needs to reach the baseline's final loss, read off its evals (every 10%).
-2. throughput — non-padding tokens/s on the chat set, LoRA and full FT, micro-batch 8,
+What it measures: throughput — non-padding tokens/s on the chat set, LoRA and full FT, micro-batch 8,
    seq_len 512, 40 s each; peak process memory (RSS high-water) of the same runs, and the
    planner's prediction of budgetune's.
 """
@@ -167,36 +165,6 @@ def base_config(work: Path, files: list[str], **over) -> dict:
     return cfg
 
 
-def quality(work: Path, minutes: float) -> list[dict]:
-    from budgetune.config import load_config
-    from budgetune.data.corpora import stdlib_chat
-
-    demo = load_config("demo")
-    seconds = minutes * 60
-    base = work / "base"
-    if not (base / "model").exists():  # the fine-tuning base: the demo model after 90 s
-        subprocess.run([sys.executable, "-m", "budgetune", "train", "demo", "--budget.time", "90s", "--output.dir", str(base),
-                        "--quiet", "--overwrite"], check=True)
-    chat = str(stdlib_chat(work / "chat.jsonl", limit=1000))
-    tasks = {
-        "pre-training (demo corpus, scratch)": base_config(work, demo.data.train, model={"init": "scratch", "preset": "llama-tiny"},
-                                                           tokenizer={"train_vocab_size": 2048}),
-        "fine-tuning (docstring→function chats, full FT)": base_config(
-            work, [chat], model={"name": str(base / "model")}, data={"seq_len": 512}, optim={"lr": 5e-4, "weight_decay": 0.0},
-            train={"micro_batch": 8}),
-    }
-    out = []
-    for name, cfg in tasks.items():
-        ours_cfg = {**cfg, "budget": {"time": f"{seconds}s"}, "output": {"dir": str(work / "runs" / name[:4] / "budgetune"), "overwrite": True}}
-        theirs = in_process("trainer", {"config": {**cfg, "budget": {"time": f"{seconds}s"}, "output": {"dir": str(work / "unused")}},
-                                        "seconds": seconds})
-        ours = in_process("budgetune", {"config": ours_cfg})
-        reached = next((s for s, loss in ours["evals"] if loss <= theirs["eval_loss"]), None)
-        out.append({"task": name, "budget_s": seconds, "ours": ours, "theirs": theirs, "reached_s": reached})
-        print(json.dumps(out[-1]), flush=True)
-    return out
-
-
 def throughput(work: Path, seconds: float = 40) -> list[dict]:
     from budgetune.data.corpora import stdlib_chat
 
@@ -223,21 +191,11 @@ def main() -> None:
         print(json.dumps(result))
         return
     ap = argparse.ArgumentParser()
-    ap.add_argument("--minutes", type=float, default=3)
-    ap.add_argument("--parts", default="quality,throughput")
+    ap.add_argument("--parts", default="throughput")
     ap.add_argument("--work", help="work folder (reuses its base model and caches)")
     args = ap.parse_args()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="budgetune-vs-trainer-"))
     parts = args.parts.split(",")
-    if "quality" in parts:
-        rows = quality(work, args.minutes)
-        print("\n| task | budget | baseline loss (steps, schedule done?) | budgetune loss (steps) | budgetune reaches the baseline's loss at |")
-        print("|---|---|---|---|---|")
-        for r in rows:
-            t, o = r["theirs"], r["ours"]
-            at = f"{r['reached_s']:.0f} s = {r['reached_s'] / r['budget_s']:.2f}× the budget" if r["reached_s"] else "not within the budget"
-            print(f"| {r['task']} | {r['budget_s']:.0f} s | {t['eval_loss']:.3f} ({t['steps']}/{t['max_steps']}, "
-                  f"{'yes' if t['finished_schedule'] else 'no'}) | {o['eval_loss']:.3f} ({o['steps']}) | {at} |")
     if "throughput" in parts:
         rows = throughput(work)
         print("\n| method | baseline tokens/s | budgetune tokens/s | ratio | baseline peak MB | budgetune peak MB | ratio | planner's prediction MB |")
