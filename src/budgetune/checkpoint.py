@@ -123,9 +123,9 @@ def damage(path: Path) -> str | None:
     for name, size in state.get("file_sizes", {}).items():
         f = path / name
         if not f.exists():
-            return f"{name} is missing"
+            return f"{f} is missing"
         if f.stat().st_size != size:
-            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+            return f"{f} has {f.stat().st_size} bytes, {size} were written"
     for name in ("trainable.safetensors", "rng.safetensors", "method.safetensors"):
         if (path / name).exists():
             try:
@@ -133,7 +133,7 @@ def damage(path: Path) -> str | None:
                     n = int.from_bytes(handle.read(8), "little")
                     json.loads(handle.read(n))
             except (OSError, ValueError) as e:
-                return f"{name} is not a readable safetensors file ({e})"
+                return f"{path / name} is not a readable safetensors file ({e})"
     return None
 
 

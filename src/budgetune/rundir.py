@@ -94,6 +94,12 @@ class RunDir:
             raise BudgetuneError(f"config key 'output.dir': cannot create the run folder {self.path} ({e}); "
                                  "choose a folder you can write to") from None
 
+    def check_unlocked(self) -> None:
+        """Refuse a folder that a live trainer holds, changing nothing in it (a run that --overwrite
+        may replace stays exactly as it was if the new one fails)."""
+        if (self.path / LOCK).exists():
+            self.lock().close()
+
     def lock(self):
         """Become the run folder's one writer: an open file holding an exclusive flock, or a
         BudgetuneError naming the live process that holds it. Keep the returned file open."""
@@ -107,6 +113,11 @@ class RunDir:
             handle.close()
             raise BudgetuneError(f"{self.path} is being written by a live training process ({holder}); wait for it to "
                                  "finish or stop it (Ctrl-C checkpoints it), then --resume") from None
+        return handle
+
+    def lock_and_sign(self):
+        """lock(), and write this process's id into the lock file for the next one's message."""
+        handle = self.lock()
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()}")

@@ -70,14 +70,16 @@ def train(config: str | Path | dict | Config | None = None, overrides=None, *, r
     run_dir.check(resume, overwrite)
     if resume and run_dir.finished() and not extend:
         raise BudgetuneError(_finished_message(run_dir))
-    lock = run_dir.lock() if main and run_dir.path.exists() else None  # one writer per run folder
+    lock = None
+    if main:  # one writer per run folder: a live trainer's folder is refused before anything changes
+        if resume:
+            lock = run_dir.lock_and_sign()
+        elif run_dir.path.exists():
+            run_dir.check_unlocked()
     accelerator.wait_for_everyone()  # every process has looked at the folder before the main one writes to it
     previous = run_dir.prepare(resume, overwrite) if main else None  # an old run that --overwrite replaces, set aside
-    if main and previous is not None:
-        lock.close()
-        lock = run_dir.lock()
-    elif main and lock is None:
-        lock = run_dir.lock()
+    if main and lock is None:
+        lock = run_dir.lock_and_sign()
     accelerator.wait_for_everyone()
     try:
         run = setup(cfg, run_dir, accelerator, resume, extend, show=main and not quiet, previous=previous)
@@ -306,6 +308,9 @@ def setup(cfg: Config, run_dir: RunDir, accelerator, resume: bool, extend: bool,
             clean_partial(run_dir.checkpoints)  # what a kill during a checkpoint write left behind
         accelerator.wait_for_everyone()
         latest = newest_intact(run_dir.checkpoints, log)
+        if latest is None and list_checkpoints(run_dir.checkpoints):  # never start over a run whose checkpoints the disk damaged
+            raise BudgetuneError(f"every checkpoint in {run_dir.checkpoints} is damaged (see above); delete that folder to start "
+                                 "the run again from scratch, or use --overwrite")
         if latest is None:  # killed before its first checkpoint: nothing to continue from
             log("no checkpoint yet — starting fresh")
             resume = False

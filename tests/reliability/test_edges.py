@@ -111,7 +111,7 @@ def test_a_damaged_tokenisation_cache_is_rebuilt(tmp_path, corpus, capsys):
 def test_one_writer_per_run_folder(tmp_path, corpus):
     cfg = tiny_config(tmp_path, corpus, budget={"steps": 2})
     train(cfg, quiet=True)
-    held = RunDir(tmp_path / "run").lock()  # a live trainer
+    held = RunDir(tmp_path / "run").lock_and_sign()  # a live trainer
     try:
         with pytest.raises(BudgetuneError, match=r"being written by a live training process \(pid \d+\)"):
             train(cfg, ["--budget.steps", "3"], resume=True, extend=True, quiet=True)

@@ -202,7 +202,8 @@ def _child(request: dict) -> dict:
 
     if quantized_source is not None:
         model = finish(AutoModelForCausalLM.from_pretrained(
-            quantized_source.name, dtype=dtype, quantization_config=bnb_config(recipe.quantize, device, recipe.extra.get("double_quant", True))))
+            quantized_source.name, dtype=dtype, use_safetensors=True,
+            quantization_config=bnb_config(recipe.quantize, device, recipe.extra.get("double_quant", True))))
         quantized_source.cleanup()
         if not cuda:
             _reset_peak_rss()
