@@ -295,17 +295,19 @@ def test_train_prediction_names_its_memory_basis(tmp_path, monkeypatch):
     assert prediction["tokens_per_s_basis"] == "device guess, uncalibrated"
 
 
-def test_plan_on_a_14b_config_for_a_24gib_card_fits_neither_full_nor_lora():
+def test_plan_on_a_14b_config_for_a_24gib_card_fits_only_qlora():
     """A 14B model's 16-bit base alone (~27.8 GiB) is more than a 24 GiB card: no 16-bit
     recipe fits, and the plan says which bytes value it read budget.memory as."""
     cfg = load_config(EXAMPLES / "plan-14b-24gb.yaml")
     plan = make_plan(cfg, probe_steps=0, log=lambda m: None)
     assert plan.memory_budget == 24 * 2**30
     assert any("25,769,803,776 bytes = 24.00 GiB = 25.77 GB" in note for note in plan.notes)
-    sixteen_bit = [c for c in plan.candidates if c.recipe.method in ("full", "lora")]
+    sixteen_bit = [c for c in plan.candidates if c.recipe.method in ("full", "lora") and c.recipe.quantize is None]
     assert sixteen_bit and not any(c.fits for c in sixteen_bit)
     lora = min((c for c in sixteen_bit if c.recipe.method == "lora"), key=lambda c: c.memory.total)
     assert lora.memory.terms["weights"] > 24 * 2**30  # the frozen base alone does not fit
+    # only a 4-bit base does (QLoRA), and the plan proposes it
+    assert plan.best is not None and plan.best.recipe.method == "lora" and plan.best.recipe.quantize == "nf4"
 
 
 def test_plan_says_when_budget_memory_in_gb_means_powers_of_ten(tmp_path):

@@ -109,9 +109,10 @@ def test_random_sigkills_lose_at_most_one_interval_and_end_where_an_uninterrupte
             # a step is logged after its update; the checkpoint at `newest` holds everything up to it
             assert max(trained) - newest <= INTERVAL, (max(trained), newest)
 
-    finish = start(path, resume=True)
-    _, err = finish.communicate(timeout=300)
-    assert finish.returncode == 0, err
+    if not (run / "summary.json").exists():  # the last kill can land after the run finished (while it wrote its report)
+        finish = start(path, resume=True)
+        _, err = finish.communicate(timeout=300)
+        assert finish.returncode == 0, err
     assert not list((run / "checkpoints").glob(".tmp-*"))  # what torn writes left was cleaned up
     assert mid_write >= 1, "no kill landed inside a checkpoint write"
     ours = load_file(str(list_checkpoints(run / "checkpoints")[-1] / "trainable.safetensors"))
