@@ -23,7 +23,7 @@ from budgetune.checkpoint import list_checkpoints
 from helpers import tiny_config, write_text_corpus
 
 KILLS = 10
-STEPS = 240
+STEPS = 600  # enough that 10 kills land before the end on a fast idle machine
 INTERVAL = 4  # steps between checkpoints
 
 
@@ -37,6 +37,8 @@ def logged_steps(run: Path, offset: int) -> list[int]:
     path = run / "metrics.jsonl"
     if not path.exists():
         return []
+    if path.stat().st_size < offset:  # a resume before the first checkpoint starts the metrics afresh
+        offset = 0
     with open(path, "rb") as f:
         f.seek(offset)
         lines = f.read().decode("utf-8", "replace").splitlines()
