@@ -38,18 +38,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _runs import train_in_process
+
 METHODS = ["random", "length", "loss", "ifd", "cdas", "rds"]
 
 
-def run(cfg: dict, out: Path) -> dict:
-    path = out.with_suffix(".json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(cfg))
-    done = subprocess.run([sys.executable, "-c", f"import json, budgetune; budgetune.train(json.load(open({str(path)!r})), quiet=True)"],
-                          capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(done.stderr[-2000:])
-    return json.loads((out / "summary.json").read_text())
+run = train_in_process  # one budgetune.train in its own process (benchmarks/_runs.py)
 
 
 def write(path: Path, records: list[dict]) -> str:

@@ -32,6 +32,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _runs import train_in_process
+
 RUNS = [
     # (label, method options, optimizer options)
     ("full / adamw", {"name": "full"}, {"name": "adamw", "lr": 5e-4}),
@@ -69,14 +71,7 @@ RUNS = [
 
 
 def run(cfg: dict, out: Path) -> dict:
-    path = out.with_suffix(".json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(cfg))
-    done = subprocess.run([sys.executable, "-c", f"import json, budgetune; budgetune.train(json.load(open({str(path)!r})), quiet=True)"],
-                          capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(done.stderr[-2000:])
-    summary = json.loads((out / "summary.json").read_text())
+    summary = train_in_process(cfg, out)
     ckpt = sorted((out / "checkpoints").iterdir())[-1]
     summary["optimizer_state_bytes"] = (ckpt / "optimizer.pt").stat().st_size
     return summary

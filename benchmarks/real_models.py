@@ -32,10 +32,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from _runs import train_in_process
 
 
 def convert(gguf: Path, folder: Path) -> Path:
@@ -86,14 +86,10 @@ RUNS = [  # label, method, model extras, optimizer
 
 
 def train_run(cfg: dict, out: Path) -> dict:
-    path = out.with_suffix(".json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(cfg))
-    done = subprocess.run([sys.executable, "-c", f"import json, budgetune; budgetune.train(json.load(open({str(path)!r})), quiet=True)"],
-                          capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"run {out} failed:\n{done.stderr[-3000:]}")
-    return json.loads((Path(cfg["output"]["dir"]) / "summary.json").read_text())
+    try:
+        return train_in_process(cfg, out)  # `out` is the run's output.dir at every call
+    except RuntimeError as e:
+        raise SystemExit(f"run {out} failed:\n{e}") from None
 
 
 def step_memory(model: Path, recipe) -> tuple[float, float]:
