@@ -1,7 +1,7 @@
 """The race: budgetune's defaults against the strongest standard peers at equal wall-clock.
 
     python benchmarks/race.py [--seconds 150] [--seeds 0,1] [--races finetune-full,pretrain,finetune-lora] [--work DIR]
-    python benchmarks/race.py --races finetune-full --seconds 90 --batch-sweep 512,1024,2048,4096   # the batch rule's check
+    python benchmarks/race.py --races finetune-full --seconds 90 --sweep train.batch_tokens=512,1024,2048,4096   # a default's check
 
 (Throughput and peak memory with the same recipe on both sides: benchmarks/vs_trainer.py.)
 
@@ -286,18 +286,23 @@ def race(work: Path, name: str, seconds: float, seed: int, lr: float, peers: lis
     return out
 
 
-def batch_sweep(work: Path, name: str, seconds: float, lr: float, batches: list[int], seeds: list[int]) -> None:
-    """Held-out loss at an equal budget for each pinned batch size, and the planner's own choice."""
+def sweep(work: Path, name: str, seconds: float, lr: float, key: str, values: list, seeds: list[int]) -> None:
+    """Held-out loss at an equal budget for budgetune with one config key pinned to each value, and
+    the defaults (the planner's choice, or the config default) beside them."""
     cfg = task_config(work, name, lr)
+    section, field = key.split(".")
     in_process("warm", {"config": {**cfg, "budget": {"time": f"{seconds}s"}, "output": {"dir": str(work / "unused")}}})
-    print(f"\n| batch tokens/step ({name}, {seconds:.0f} s) | seed | steps | held-out loss |\n|---|---|---|---|")
+    print(f"\n| {key} ({name}, {seconds:.0f} s) | seed | steps | tokens/step | held-out loss |\n|---|---|---|---|---|")
     for seed in seeds:
-        for batch in batches + [None]:
-            train = {"seed": seed} | ({"batch_tokens": batch} if batch else {})
-            r = in_process("budgetune", {"config": {**cfg, "train": train, "budget": {"time": f"{seconds}s"},
-                                                    "output": {"dir": str(work / "runs" / f"sweep-{batch}-{seed}"), "overwrite": True}}})
-            label = f"{batch:,}" if batch else f"planner: {r['tokens_per_step']:,.0f}"
-            print(f"| {label} | {seed} | {r['steps']} | {r['eval_loss']:.3f} |", flush=True)
+        for value in values + [None]:
+            run_cfg = copy.deepcopy(cfg)
+            run_cfg["train"] = {**run_cfg.get("train", {}), "seed": seed}
+            if value is not None:
+                run_cfg[section] = {**run_cfg.get(section, {}), field: value}
+            r = in_process("budgetune", {"config": {**run_cfg, "budget": {"time": f"{seconds}s"},
+                                                    "output": {"dir": str(work / "runs" / f"sweep-{key}-{value}-{seed}"), "overwrite": True}}})
+            label = f"{value}" if value is not None else "default"
+            print(f"| {label} | {seed} | {r['steps']} | {r['tokens_per_step']:,.0f} | {r['eval_loss']:.3f} |", flush=True)
 
 
 def table(rows: list[dict]) -> str:
@@ -325,13 +330,16 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--peers-only", action="store_true", help="run only the peers (to add or repeat one)")
     ap.add_argument("--work", help="work folder (reuses its base model, data and caches)")
-    ap.add_argument("--batch-sweep", help="instead of the race: budgetune with train.batch_tokens pinned to each of "
-                                          "these (comma-separated), to check the planner's batch rule")
+    ap.add_argument("--sweep", help="instead of the race: budgetune with one config key pinned to each value, "
+                                    "e.g. train.batch_tokens=512,2048,4096 or optim.beta2=0.95,0.999 (values parsed as YAML)")
     args = ap.parse_args()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="budgetune-race-"))
-    if args.batch_sweep:
-        batch_sweep(work, args.races.split(",")[0], args.seconds, args.lr, [int(b) for b in args.batch_sweep.split(",")],
-                    [int(s) for s in args.seeds.split(",")])
+    if args.sweep:
+        import yaml
+
+        key, _, values = args.sweep.partition("=")
+        sweep(work, args.races.split(",")[0], args.seconds, args.lr, key, [yaml.safe_load(v) for v in values.split(",")],
+              [int(s) for s in args.seeds.split(",")])
         return
     rows = []
     for name in args.races.split(","):

@@ -37,7 +37,7 @@ def demo(overrides=None, overwrite: bool = True, quiet: bool = False, which: str
         console.rule("what the budget bought")
         say(f"held-out loss: {summary['eval_loss_before']:.3f} before → [bold]{summary['eval_loss_after']:.3f}[/] after "
             f"(uniform guess over {len(tokenizer)} tokens: ln(V) = {uniform:.3f})")
-        say(f"trained {summary['steps']} steps, {summary['tokens']:.0f} tokens at {summary['tokens_per_s']:.0f} tokens/s; "
+        say(f"trained {summary['steps']} steps, {summary['tokens']:.0f} tokens ({_speed(summary)}); "
             f"padding saved by packing: {100 * (1 - summary['data']['padding_fraction']):.1f}% of row tokens are real")
         for prompt, text in zip(cfg.eval.prompts, samples):
             console.rule(f"sample: {prompt!r}", style="dim")
@@ -83,7 +83,7 @@ def demo_chat(overrides=None, overwrite: bool = True, quiet: bool = False) -> di
             f"{summary['eval_loss_before']:.3f} before → [bold]{summary['eval_loss_after']:.3f}[/] after")
         say(f"format accuracy (answer is `module.func(args)` — sentence, right function): "
             f"{acc_before:.0%} before → [bold]{acc_after:.0%}[/] after")
-        say(f"trained {summary['steps']} steps, {summary['tokens']:.0f} tokens at {summary['tokens_per_s']:.0f} tokens/s")
+        say(f"trained {summary['steps']} steps, {summary['tokens']:.0f} tokens ({_speed(summary)})")
         for item, question, b, a in list(zip(held, questions, before, after))[:CHAT_SHOWN]:
             console.rule(question, style="dim")
             console.print(f"base:      {b}", markup=False, highlight=False)
@@ -94,6 +94,12 @@ def demo_chat(overrides=None, overwrite: bool = True, quiet: bool = False) -> di
     summary["chat"] = {"questions": questions, "reference": [item["answer"] for item in held], "base": before,
                        "tuned": after, "format_accuracy_before": acc_before, "format_accuracy_after": acc_after}
     return summary
+
+
+def _speed(summary: dict) -> str:
+    """The training speed (median step) and what the whole budget averaged, data preparation and evals included."""
+    return (f"{summary['train_tokens_per_s_median'] or 0:.0f} tokens/s per step, "
+            f"{summary['tokens_per_s']:.0f} over the whole budget with data preparation and evals")
 
 
 def chat_answers(model, tokenizer, questions: list[str], max_new_tokens: int = 64, batch: int = 12) -> list[str]:

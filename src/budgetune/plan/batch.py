@@ -7,7 +7,7 @@ planner chooses the batch from D, not from throughput:
 - pre-training from scratch: Step Law (Li et al., "Predictable Scale", METHODS.md §2) —
   B = 0.58 · D^0.571 tokens and η = 1.79 · N^−0.713 · D^0.307 (N non-embedding parameters);
 - fine-tuning a pretrained model: the same rule for now (FINETUNE_BATCH) — small budgets favour
-  small batches here too; `benchmarks/race.py --batch-sweep` measures held-out loss against the
+  small batches here too; `benchmarks/race.py --sweep train.batch_tokens=…` measures held-out loss against the
   batch at an equal budget to fit a constant of its own (not yet run to completion: see
   docs/benchmarks.md). The learning rate stays the configured one (`optim.lr`), since Step Law's
   LR fit is for training from scratch.
@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 STEP_LAW_BATCH = (0.58, 0.571)  # B = a · D^b (tokens)
-FINETUNE_BATCH = (0.58, 0.571)  # fine-tuning: Step Law's, until a batch sweep (benchmarks/race.py --batch-sweep) fits ours
+FINETUNE_BATCH = (0.58, 0.571)  # fine-tuning: Step Law's, until a batch sweep (benchmarks/race.py --sweep train.batch_tokens=…) fits ours
 MIN_BATCH_TOKENS = 256  # below this a step's gradient is mostly noise, whatever the budget
 TIME_OVERHEAD = 0.9  # share of a time budget expected to go to optimizer steps (data, evals, saves take the rest)
 
