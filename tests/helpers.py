@@ -88,3 +88,22 @@ def interrupted_and_uninterrupted(tmp: Path, data, monkeypatch, **sections) -> t
         return load_file(str(list_checkpoints(run / "checkpoints")[-1] / "trainable.safetensors"))
 
     return final(tmp / "a" / "run"), final(tmp / "b" / "run")
+
+
+def write_preference_jsonl(path: Path, n: int = 80, seed: int = 0, chat: bool = False) -> Path:
+    """Preference pairs with a learnable preference: the chosen answer repeats the word the prompt asks
+    for, the rejected one says another word. String form, or chat form (message lists sharing the prompt)."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            word, other = rng.sample(WORDS, 2)
+            prompt = f"Say {word} " + " ".join(rng.choices(WORDS, k=rng.randint(0, 4)))
+            chosen, rejected = f"{word} {word}", f"{other} {other}"
+            if chat:
+                user = [{"role": "user", "content": prompt}]
+                record = {"chosen": user + [{"role": "assistant", "content": chosen}],
+                          "rejected": user + [{"role": "assistant", "content": rejected}]}
+            else:
+                record = {"prompt": prompt + "\n", "chosen": chosen, "rejected": rejected}
+            f.write(json.dumps(record) + "\n")
+    return path
