@@ -208,8 +208,10 @@ def test_tiny_model_learns_a_preference_with_dpo(tmp_path):
     from budgetune.train import train
 
     data = write_preference_jsonl(tmp_path / "p.jsonl", n=240)
-    summary = train(tiny_config(tmp_path, data, objective={"name": "dpo", "beta": 0.5}, method={"name": "lora", "r": 8},
-                                optim={"lr": 1e-2}, budget={"steps": 80}, data={"eval_fraction": 0.15}), quiet=True)
+    cfg = tiny_config(tmp_path, data, objective={"name": "dpo", "beta": 0.5}, method={"name": "lora", "r": 8},
+                      optim={"lr": 1e-2}, budget={"steps": 80})
+    cfg["data"]["eval_fraction"] = 0.15
+    summary = train(cfg, quiet=True)
     assert summary["eval_loss_before"] == pytest.approx(np.log(2), abs=1e-5)  # π = π_ref: every margin is 0
     pref = summary["preference_eval"]
     assert pref["reward_accuracy"] >= 0.85, pref
@@ -218,3 +220,54 @@ def test_tiny_model_learns_a_preference_with_dpo(tmp_path):
     steps = [x for x in lines if "loss" in x and "event" not in x]
     assert {"reward_accuracy", "margin", "chosen_logp", "rejected_logp"} <= set(steps[-1])
     assert json.loads((tmp_path / "run" / "reference.json").read_text())["mode"] == "adapter"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_dpo_resumes_exactly_after_a_kill(tmp_path, monkeypatch, method):
+    """Killed right after its first checkpoint and resumed: the same weights as a run never stopped —
+    with the adapter-disabled reference (lora) and with reference log-probs cached once and read back (full)."""
+    from helpers import interrupted_and_uninterrupted
+
+    data = write_preference_jsonl(tmp_path / "p.jsonl", n=60)
+    straight, resumed = interrupted_and_uninterrupted(tmp_path, data, monkeypatch, objective={"name": "dpo"},
+                                                      method={"name": method}, budget={"steps": 8}, checkpoint={"every": 0.5})
+    mode = json.loads((tmp_path / "b" / "run" / "reference.json").read_text())["mode"]
+    assert mode == ("adapter" if method == "lora" else "cached")
+    assert (tmp_path / "b" / "run" / "reference_logps.npz").exists() == (method == "full")
+    for name, tensor in straight.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_preference_run_end_to_end_on_the_command_line(tmp_path):
+    """`budgetune train` with a DPO config (chat-form pairs, LoRA), then eval, export of the adapter and
+    of the merged model, which transformers loads."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    data = write_preference_jsonl(tmp_path / "p.jsonl", n=60, chat=True)
+    config = tmp_path / "dpo.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tmp_path, data, objective={"name": "dpo", "beta": 0.2},
+                                                 method={"name": "lora", "r": 4}, budget={"steps": 6})))
+    cli = lambda *a: subprocess.run([sys.executable, "-m", "budgetune", *map(str, a)], capture_output=True, text=True, timeout=300)  # noqa: E731
+    done = cli("train", config, "--quiet")
+    assert done.returncode == 0, done.stderr
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["objective"] == "dpo" and set(summary["preference_eval"]) == {"reward_accuracy", "margin", "chosen_logp", "rejected_logp"}
+    done = cli("eval", run, "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["objective"] == "dpo" and 0 <= result["reward_accuracy"] <= 1
+    assert result["eval_loss"] == pytest.approx(summary["eval_loss_after"], rel=1e-4)  # same split, same reference
+    assert "reward accuracy" in (run / "report.html").read_text()
+    assert cli("export", run).returncode == 0
+    done = cli("export", run, "--merge")
+    assert done.returncode == 0, done.stderr
+    from transformers import AutoModelForCausalLM
+
+    merged = next(p for p in (run / "export").iterdir() if (p / "config.json").exists() and "merged" in p.name)
+    assert AutoModelForCausalLM.from_pretrained(str(merged)).num_parameters() > 0

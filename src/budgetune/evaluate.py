@@ -228,13 +228,20 @@ def evaluate(run_dir: str | Path, data: list[str] | None = None, prompts: list[s
     if data:
         cfg = load_config(merge(cfg.to_dict(), {"data": {"eval": list(data)}}))
     bundle = prepare_data(cfg, tokenizer, seed=cfg.train.seed, log=log)
-    loss = heldout_loss(model, bundle.eval, cfg.train.micro_batch, max_tokens or cfg.eval.max_tokens, device)
+    from .objectives import get_objective
+
+    objective = get_objective(cfg)
+    if objective.preference:
+        objective.prepare_eval(Path(run_dir), bundle.eval, own_split=not data)
+    metrics = heldout_metrics(model, objective, bundle.eval, cfg.train.micro_batch, max_tokens or cfg.eval.max_tokens, device)
+    loss = metrics.pop("eval_loss")
     prompts = prompts if prompts is not None else cfg.eval.prompts
     samples = generate_samples(model, tokenizer, prompts, cfg.eval.sample_tokens, device, cfg.eval.temperature,
                                cfg.eval.repetition_penalty, cfg.train.seed) if prompts else []
     return {
         "eval_loss": loss,
-        "perplexity": math.exp(loss) if loss == loss and loss < 50 else float("inf"),
+        "perplexity": (math.exp(loss) if loss == loss and loss < 50 else float("inf")) if not objective.preference else None,
+        **({"objective": objective.name, **metrics} if objective.preference else {}),
         "eval_tokens": int(bundle.eval.real_tokens.sum()) if bundle.eval is not None else 0,
         "samples": [{"prompt": p, "completion": s} for p, s in zip(prompts, samples)],
         **({"lm_eval": lm_eval_tasks(model, tokenizer, lm_eval, lm_eval_limit)} if lm_eval else {}),

@@ -44,6 +44,7 @@ from .models import count_parameters, load_model, load_tokenizer
 from .optim import build_optimizer, updates_in_backward
 from .plan import flops_per_token, matmul_parameters
 from .plan.search import plan_for_training
+from .plan.throughput import reference_flops_per_token
 from .plan.throughput import SpeedCalibration
 from .report import report
 from .rundir import RunDir
@@ -327,6 +328,7 @@ def setup(cfg: Config, run_dir: RunDir, accelerator, resume: bool, extend: bool,
     trainable, total = count_parameters(model)
     n_matmul, n_matmul_trainable = matmul_parameters(model)
     fpt = flops_per_token(model.config, cfg.data.seq_len, n_matmul, n_matmul_trainable)
+    fpt += reference_flops_per_token(model.config, cfg.data.seq_len, n_matmul, cfg.objective.name, cfg.method.name)  # DPO + adapter
     optimizer = build_optimizer(model, cfg.optim, method.lr_scales(cfg.method))
     log(f"model: {format_count(total)} parameters, {format_count(trainable)} trainable ({cfg.method.name}); device {device}, {world} process(es)")
 

@@ -73,6 +73,9 @@ class PreferenceObjective(Objective):
         self.beta = self.default_beta if beta is None else beta
         self._stats = torch.zeros(6, dtype=torch.float64)
 
+    def prepare_eval(self, run_dir, rows, own_split: bool) -> None:
+        """`budgetune eval` of a finished run: what the held-out metrics need (DPO: its reference)."""
+
     def count(self, batch: dict) -> float:
         return float((batch["segments"].max(dim=1).values // 2).sum())
 
@@ -88,12 +91,13 @@ class PreferenceObjective(Objective):
         batch = dict(batch)
         segments = batch.pop("segments")
         cached = batch.pop("reference_logps", None)
-        logps, lengths = pair_logps(model, batch, segments)
         if cached is not None:  # computed once before training (rows × pair slots × 2)
             per_row = segments.long().amax(dim=1) // 2
-            reference = torch.cat([cached[r, : int(k)] for r, k in enumerate(per_row)]).to(logps)
-        else:
+            reference = torch.cat([cached[r, : int(k)] for r, k in enumerate(per_row)])
+        else:  # before the policy's forward: its logits are freed before the policy's graph is built (no extra peak memory)
             reference = self.reference(model, batch, segments)
+        logps, lengths = pair_logps(model, batch, segments)
+        reference = None if reference is None else reference.to(logps)
         losses, chosen_r, rejected_r = self.pair_losses(logps, lengths, reference)
         d = logps.detach()
         stats = torch.stack([losses.detach(), (chosen_r > rejected_r).to(d), chosen_r - rejected_r, d[:, 0], d[:, 1]], dim=1)

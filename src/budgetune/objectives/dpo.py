@@ -77,6 +77,21 @@ class DPO(PreferenceObjective):
         run.say(f"DPO reference: log-probs of {pairs} pairs computed once in {time.monotonic() - t:.1f}s (paid from the budget)")
 
 
+    def prepare_eval(self, run_dir, rows, own_split: bool) -> None:
+        decided = run_dir / REFERENCE_MODE
+        self.mode = json.loads(decided.read_text())["mode"] if decided.exists() else "adapter"
+        if self.mode == "adapter" or rows is None:
+            return
+        if not own_split:
+            raise BudgetuneError(f"{run_dir}: this DPO run's reference log-probs were computed once, for its own data; "
+                                 "evaluate it on its held-out split (without --data)")
+        saved = np.load(run_dir / REFERENCE_FILE)["eval"]
+        if saved.shape[0] != len(rows):
+            raise BudgetuneError(f"{run_dir / REFERENCE_FILE}: holds the reference of {saved.shape[0]} held-out rows, the data "
+                                 f"now give {len(rows)}; the data changed since training")
+        rows.reference = saved
+
+
 def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta: float):
     """(losses, chosen rewards, rejected rewards) from summed answer log-probs of policy and reference."""
     chosen_r, rejected_r = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
