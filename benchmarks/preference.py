@@ -152,7 +152,7 @@ def run_trl(model_dir: Path, train: Path, out: Path, seconds: float) -> dict:
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     dataset = load_dataset("json", data_files=str(train), split="train")
 
     class StopAt(TrainerCallback):
@@ -165,7 +165,7 @@ def run_trl(model_dir: Path, train: Path, out: Path, seconds: float) -> dict:
 
     stop = StopAt()
     args = DPOConfig(output_dir=str(out / "trl-dpo"), per_device_train_batch_size=2, gradient_accumulation_steps=1,
-                     learning_rate=2e-4, lr_scheduler_type="cosine", warmup_ratio=0.05, max_steps=100000, beta=0.1,
+                     learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.05, max_steps=100000, beta=0.1,
                      max_length=512, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
                      bf16=False, fp16=False, dataloader_num_workers=0)
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[stop],
@@ -185,7 +185,7 @@ def evaluate_adapter(model_dir: Path, adapter: Path, held: Path, out: Path, pair
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    base = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(adapter)) if adapter is not None else base
     return heldout(model, tokenizer, held, out, pairs)
 
