@@ -446,6 +446,9 @@ def _validate(cfg: Config) -> None:
     positive("objective.beta", cfg.objective.beta)
     positive("objective.odds_weight", cfg.objective.odds_weight, allow_zero=True)
     positive("objective.gamma", cfg.objective.gamma, allow_zero=True)
+    if cfg.objective.name != "sft" and cfg.data.select.method != "off":
+        raise ConfigError(f"config key 'data.select.method': scores examples by next-token loss, not pairs for objective "
+                          f"{cfg.objective.name!r}; set it to off")
     if cfg.objective.name != "sft" and cfg.train.fast_forward:
         raise ConfigError(f"config key 'train.fast_forward': judges repeats by held-out next-token loss, not by "
                           f"objective {cfg.objective.name!r}; set it to 0")
