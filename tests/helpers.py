@@ -91,14 +91,15 @@ def interrupted_and_uninterrupted(tmp: Path, data, monkeypatch, **sections) -> t
 
 
 def write_preference_jsonl(path: Path, n: int = 80, seed: int = 0, chat: bool = False) -> Path:
-    """Preference pairs with a learnable preference: the chosen answer repeats the word the prompt asks
-    for, the rejected one says another word. String form, or chat form (message lists sharing the prompt)."""
+    """Preference pairs with a learnable preference: the chosen answer is made of words from one half of
+    WORDS, the rejected one of words from the other half (new combinations in every pair). String form,
+    or chat form (message lists sharing the prompt)."""
     rng = random.Random(seed)
+    good, bad = WORDS[::2], WORDS[1::2]
     with open(path, "w") as f:
         for _ in range(n):
-            word, other = rng.sample(WORDS, 2)
-            prompt = f"Say {word} " + " ".join(rng.choices(WORDS, k=rng.randint(0, 4)))
-            chosen, rejected = f"{word} {word}", f"{other} {other}"
+            prompt = "Tell me about " + " ".join(rng.choices(WORDS, k=rng.randint(1, 4)))
+            chosen, rejected = " ".join(rng.choices(good, k=3)), " ".join(rng.choices(bad, k=3))
             if chat:
                 user = [{"role": "user", "content": prompt}]
                 record = {"chosen": user + [{"role": "assistant", "content": chosen}],

@@ -203,18 +203,18 @@ def test_objective_and_data_must_agree(tmp_path):
 
 
 def test_tiny_model_learns_a_preference_with_dpo(tmp_path):
-    """DPO with LoRA on a constructed preference (the chosen answer repeats the word the prompt asks
-    for): held-out reward accuracy from 0 (the reference is the model itself) to high."""
+    """DPO with LoRA on a constructed preference (chosen answers use one half of the vocabulary's words,
+    rejected ones the other): held-out reward accuracy from 0 (the reference is the model itself) to high."""
     from budgetune.train import train
 
-    data = write_preference_jsonl(tmp_path / "p.jsonl", n=240)
-    cfg = tiny_config(tmp_path, data, objective={"name": "dpo", "beta": 0.5}, method={"name": "lora", "r": 8},
-                      optim={"lr": 1e-2}, budget={"steps": 80})
+    data = write_preference_jsonl(tmp_path / "p.jsonl", n=200)
+    cfg = tiny_config(tmp_path, data, objective={"name": "dpo", "beta": 0.1}, method={"name": "lora", "r": 8},
+                      optim={"lr": 3e-3}, budget={"steps": 40})
     cfg["data"]["eval_fraction"] = 0.15
     summary = train(cfg, quiet=True)
     assert summary["eval_loss_before"] == pytest.approx(np.log(2), abs=1e-5)  # π = π_ref: every margin is 0
     pref = summary["preference_eval"]
-    assert pref["reward_accuracy"] >= 0.85, pref
+    assert pref["reward_accuracy"] >= 0.9, pref
     assert pref["margin"] > 0 and summary["eval_loss_after"] < summary["eval_loss_before"]
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if "loss" in x and "event" not in x]

@@ -157,8 +157,9 @@ def build_pair_rows(data: TokenizedSet, seq_len: int, pack: bool, pad_id: int) -
     restarting at each half, so neither half sees the other), `segments` telling the halves apart.
 
     pack=True fills rows with several pairs (best-fit decreasing); pack=False gives each pair its own
-    row, trimmed per batch to the longest. Packed pairs measured faster on the CPU (docs/benchmarks.md,
-    `benchmarks/preference.py --layout`), so packing stays the default here as for SFT.
+    row, trimmed per batch to the longest. Packing is the default, as for SFT: it computes no padding.
+    Which is faster is measured by `benchmarks/preference.py` (its layout part); on 2026-11-25 that
+    measurement did not get the shared machine in time, so it is not yet settled (docs/benchmarks.md).
     A pair longer than seq_len has each half truncated to seq_len // 2 tokens (counted).
     """
     from .formats import PREF_REJECTED_PROMPT
