@@ -200,8 +200,8 @@ def child(kind: str, spec: Path) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def in_child(kind: str, out: Path, **spec) -> dict:
-    path = out / f"{kind}-{spec.get('tag', '')}.spec.json"
+def in_child(kind: str, folder: Path, **spec) -> dict:
+    path = folder / f"{kind}-{spec.get('tag', '')}.spec.json"
     path.write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in spec.items()}))
     done = subprocess.run([sys.executable, __file__, "_child", kind, str(path)], capture_output=True, text=True)
     if done.returncode:

@@ -131,7 +131,7 @@ def test_pairs_packed_give_each_sequences_own_logps(tmp_path, tokenizer):
         data = tokenize_files([path], tokenizer, _data_cfg(tmp_path, path), tmp_path / "cache", log=lambda m: None)
         assert data.format == "preference"
         rows = build_rows(data, 256, True, tokenizer.pad_token_id or 0)
-        assert rows.pairs.max() >= 3  # several pairs share a row
+        assert rows.pairs.min() >= 2  # pairs share rows
         batch = rows.batch(list(range(len(rows))))
         segments = batch.pop("segments")
         with torch.no_grad():
