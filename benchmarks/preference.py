@@ -196,7 +196,7 @@ def child(kind: str, spec: Path) -> None:
     if kind == "trl":
         result = run_trl(Path(a["model"]), Path(a["train"]), Path(a["out"]), a["seconds"])
     else:
-        result = evaluate_adapter(Path(a["model"]), Path(a["adapter"]), Path(a["held"]), Path(a["out"]), a["pairs"])
+        result = evaluate_adapter(Path(a["model"]), Path(a["adapter"]) if a["adapter"] else None, Path(a["held"]), Path(a["out"]), a["pairs"])
     print("RESULT " + json.dumps(result), flush=True)
 
 
