@@ -88,3 +88,23 @@ def interrupted_and_uninterrupted(tmp: Path, data, monkeypatch, **sections) -> t
         return load_file(str(list_checkpoints(run / "checkpoints")[-1] / "trainable.safetensors"))
 
     return final(tmp / "a" / "run"), final(tmp / "b" / "run")
+
+
+def write_preference_jsonl(path: Path, n: int = 80, seed: int = 0, chat: bool = False) -> Path:
+    """Preference pairs with a learnable preference: the chosen answer is made of words from one half of
+    WORDS, the rejected one of words from the other half (new combinations in every pair). String form,
+    or chat form (message lists sharing the prompt)."""
+    rng = random.Random(seed)
+    good, bad = WORDS[::2], WORDS[1::2]
+    with open(path, "w") as f:
+        for _ in range(n):
+            prompt = "Tell me about " + " ".join(rng.choices(WORDS, k=rng.randint(1, 4)))
+            chosen, rejected = " ".join(rng.choices(good, k=3)), " ".join(rng.choices(bad, k=3))
+            if chat:
+                user = [{"role": "user", "content": prompt}]
+                record = {"chosen": user + [{"role": "assistant", "content": chosen}],
+                          "rejected": user + [{"role": "assistant", "content": rejected}]}
+            else:
+                record = {"prompt": prompt + "\n", "chosen": chosen, "rejected": rejected}
+            f.write(json.dumps(record) + "\n")
+    return path

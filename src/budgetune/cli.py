@@ -140,7 +140,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 print(json.dumps(result, indent=2))
             else:
-                print(f"eval loss {result['eval_loss']:.4f}  perplexity {result['perplexity']:.2f}  ({result['eval_tokens']} tokens)")
+                if result.get("objective"):  # a preference run: its loss per pair and reward metrics
+                    print(f"eval {result['objective']} loss {result['eval_loss']:.4f}  reward accuracy {result['reward_accuracy']:.3f}  "
+                          f"margin {result['margin']:.4f}  log-probs chosen {result['chosen_logp']:.2f} / rejected "
+                          f"{result['rejected_logp']:.2f}  ({result['eval_tokens']} tokens)")
+                else:
+                    print(f"eval loss {result['eval_loss']:.4f}  perplexity {result['perplexity']:.2f}  ({result['eval_tokens']} tokens)")
                 for s in result["samples"]:
                     print(f"--- {s['prompt']!r}\n{s['prompt']}{s['completion']}")
                 for task, scores in result.get("lm_eval", {}).items():

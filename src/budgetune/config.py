@@ -78,7 +78,7 @@ class SelectConfig:
 class DataConfig:
     train: list[str | SourceConfig] = field(default_factory=list)  # files, folders or globs (`{stdlib}` expands); or sources {path, weight, format, ...}
     eval: list[str] = field(default_factory=list)  # held-out data; default: a split of train
-    format: Literal["auto", "text", "prompt_completion", "chat", "sharegpt", "alpaca"] = "auto"  # auto: from the fields of the first record
+    format: Literal["auto", "text", "prompt_completion", "chat", "sharegpt", "alpaca", "preference"] = "auto"  # auto: from the fields of the first record
     seq_len: int = 1024  # tokens per row (packed rows hold several examples)
     pack: bool = True  # padding-free packing (METHODS.md §5)
     eval_fraction: float = 0.05  # share of examples held out when data.eval is empty (seeded)
@@ -91,6 +91,8 @@ class DataConfig:
     instruction_field: str = "instruction"  # alpaca: the instruction (the user turn)
     input_field: str = "input"  # alpaca: optional input, appended to the instruction
     output_field: str = "output"  # alpaca: the response (the loss)
+    chosen_field: str = "chosen"  # preference: the preferred answer (a string, or a chat message list)
+    rejected_field: str = "rejected"  # preference: the rejected answer (a string, or a chat message list)
     roles: dict = field(default_factory=dict)  # chat/sharegpt role names → system, user, assistant, tool, e.g. {bot: assistant}; human/gpt are known
     cache_dir: str | None = None  # tokenisation cache; default ~/.cache/budgetune
     on_error: Literal["error", "skip"] = "error"  # a bad record: stop naming it, or skip it (counted in the summary)
@@ -99,6 +101,16 @@ class DataConfig:
     replay: list[str] = field(default_factory=list)  # old-domain data mixed in for continual pre-training (share: data.replay_weight)
     replay_weight: float = 0.1  # share of training tokens from data.replay; the data.train sources share the rest
     select: SelectConfig = field(default_factory=SelectConfig)  # data selection under a budget (data.select.*)
+
+
+@dataclass
+class ObjectiveConfig:
+    """What the loss is: next-token SFT, or a preference objective on chosen/rejected pairs (docs/methods.md)."""
+
+    name: Literal["sft", "dpo", "orpo", "simpo"] = "sft"  # sft: next-token loss; dpo, orpo, simpo: preference tuning (needs preference data)
+    beta: float | None = None  # dpo/simpo: β (strength of the reward scale); orpo: unused; null = 0.1 (dpo) or 2.0 (simpo)
+    odds_weight: float = 0.1  # orpo: λ, weight of the odds-ratio term added to the SFT loss on the chosen answer
+    gamma: float = 1.0  # simpo: γ, the target reward margin
 
 
 @dataclass
@@ -193,6 +205,7 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodOptions = field(default_factory=MethodOptions)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
@@ -430,6 +443,15 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("model.init is 'scratch' but none of model.preset, model.name, model.arch says which architecture")
     if not cfg.data.train:
         raise ConfigError("config key 'data.train': required (files, folders or globs of training data)")
+    positive("objective.beta", cfg.objective.beta)
+    positive("objective.odds_weight", cfg.objective.odds_weight, allow_zero=True)
+    positive("objective.gamma", cfg.objective.gamma, allow_zero=True)
+    if cfg.objective.name != "sft" and cfg.data.select.method != "off":
+        raise ConfigError(f"config key 'data.select.method': scores examples by next-token loss, not pairs for objective "
+                          f"{cfg.objective.name!r}; set it to off")
+    if cfg.objective.name != "sft" and cfg.train.fast_forward:
+        raise ConfigError(f"config key 'train.fast_forward': judges repeats by held-out next-token loss, not by "
+                          f"objective {cfg.objective.name!r}; set it to 0")
     _validate_data(cfg)
     from .quantize import check_config
 

@@ -39,9 +39,10 @@ class TrainProgress:
     def __exit__(self, *exc):
         return self._progress.__exit__(*exc)
 
-    def update(self, p: float, step: int, loss: float, lr: float, tokens_per_s: float, time_left: float | None, governing: str):
+    def update(self, p: float, step: int, loss: float, lr: float, tokens_per_s: float, time_left: float | None, governing: str,
+               extra: str = ""):
         left = f" {format_duration(time_left)} left" if time_left is not None else ""
-        status = f"step {step} loss {loss:.3f} lr {lr:.1e} {format_count(tokens_per_s)} tok/s{left}"
+        status = f"step {step} loss {loss:.3f}{extra} lr {lr:.1e} {format_count(tokens_per_s)} tok/s{left}"
         self._progress.update(self._task, completed=p, status=status, governing=governing)
 
     def log(self, message: str):

@@ -60,6 +60,33 @@ def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return loss, (targets != IGNORE).sum()
 
 
+def _chunk_token_logps(hidden, targets, weight, bias):
+    return -F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, ignore_index=IGNORE, reduction="none")
+
+
+def token_logps(model, batch: dict) -> torch.Tensor:
+    """log p(target) of every next-token target, [B, T-1] (0 where the label is IGNORE); the same
+    chunked head as `token_losses` for large vocabularies."""
+    labels = batch.pop("labels")
+    targets = labels[:, 1:]
+    inner = getattr(model, "module", model)
+    head = inner.get_output_embeddings()
+    chunk = loss_chunk(inner.config) if isinstance(head, torch.nn.Linear) and type(head) is torch.nn.Linear else 0
+    if not chunk:
+        logits = model(**batch, use_cache=False).logits
+        return -F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
+                                reduction="none").view_as(targets)
+    head.forward = lambda x: x
+    try:
+        hidden = model(**batch, use_cache=False).logits
+    finally:
+        del head.forward
+    hidden, flat = hidden[:, :-1].flatten(0, 1), targets.flatten()
+    pieces = [torch.utils.checkpoint.checkpoint(_chunk_token_logps, hidden[i : i + chunk], flat[i : i + chunk], head.weight,
+                                                head.bias, use_reentrant=False) for i in range(0, flat.numel(), chunk)]
+    return torch.cat(pieces).view_as(targets)
+
+
 @torch.no_grad()
 def heldout_loss(model, rows: Rows | None, micro_batch: int, max_tokens: int, device, world_size: int = 1, rank: int = 0, reduce=None) -> float:
     """Mean next-token loss over (the first max_tokens of) the held-out rows."""
@@ -78,6 +105,34 @@ def heldout_loss(model, rows: Rows | None, micro_batch: int, max_tokens: int, de
         total = reduce(total)
     model.train(was_training)
     return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+
+
+@torch.no_grad()
+def heldout_metrics(model, objective, rows: Rows | None, micro_batch: int, max_tokens: int, device, world_size: int = 1,
+                    rank: int = 0, reduce=None) -> dict:
+    """{eval_loss} for SFT; for a preference objective its mean held-out loss per pair with reward
+    accuracy (share of pairs whose chosen answer gets the higher reward), mean margin and mean
+    chosen / rejected log-probs."""
+    if not objective.preference:
+        return {"eval_loss": heldout_loss(model, rows, micro_batch, max_tokens, device, world_size, rank, reduce)}
+    from .objectives.base import summarize
+
+    if rows is None or len(rows) == 0:
+        return {"eval_loss": float("nan")}
+    was_training = model.training
+    model.eval()
+    n_rows = min(len(rows), max(1, max_tokens // rows.input_ids.shape[1]))
+    total = torch.zeros(6, dtype=torch.float64, device=device)
+    mine = list(range(rank, n_rows, world_size))
+    for start in range(0, len(mine), micro_batch):
+        batch = {k: v.to(device) for k, v in rows.batch(mine[start : start + micro_batch]).items()}
+        _, stats = objective.pairs(model, batch)
+        total += torch.cat([stats.sum(0).double(), torch.tensor([float(len(stats))], dtype=torch.float64, device=device)])
+    if reduce is not None:
+        total = reduce(total)
+    model.train(was_training)
+    total = total.cpu()
+    return {"eval_loss": (total[0] / total[5]).item() if total[5] > 0 else float("nan"), **summarize(total)}
 
 
 @torch.no_grad()
@@ -173,13 +228,20 @@ def evaluate(run_dir: str | Path, data: list[str] | None = None, prompts: list[s
     if data:
         cfg = load_config(merge(cfg.to_dict(), {"data": {"eval": list(data)}}))
     bundle = prepare_data(cfg, tokenizer, seed=cfg.train.seed, log=log)
-    loss = heldout_loss(model, bundle.eval, cfg.train.micro_batch, max_tokens or cfg.eval.max_tokens, device)
+    from .objectives import get_objective
+
+    objective = get_objective(cfg)
+    if objective.preference:
+        objective.prepare_eval(Path(run_dir), bundle.eval, own_split=not data)
+    metrics = heldout_metrics(model, objective, bundle.eval, cfg.train.micro_batch, max_tokens or cfg.eval.max_tokens, device)
+    loss = metrics.pop("eval_loss")
     prompts = prompts if prompts is not None else cfg.eval.prompts
     samples = generate_samples(model, tokenizer, prompts, cfg.eval.sample_tokens, device, cfg.eval.temperature,
                                cfg.eval.repetition_penalty, cfg.train.seed) if prompts else []
     return {
         "eval_loss": loss,
-        "perplexity": math.exp(loss) if loss == loss and loss < 50 else float("inf"),
+        "perplexity": (math.exp(loss) if loss == loss and loss < 50 else float("inf")) if not objective.preference else None,
+        **({"objective": objective.name, **metrics} if objective.preference else {}),
         "eval_tokens": int(bundle.eval.real_tokens.sum()) if bundle.eval is not None else 0,
         "samples": [{"prompt": p, "completion": s} for p, s in zip(prompts, samples)],
         **({"lm_eval": lm_eval_tasks(model, tokenizer, lm_eval, lm_eval_limit)} if lm_eval else {}),

@@ -29,6 +29,9 @@ PLOTS = [  # id, title, x key, y key(s), x label, y label
     ("throughput", "Throughput", "seconds", ("tokens_per_s",), "seconds of budget", "tokens / s (per step)"),
     ("memory", "Peak memory", "seconds", ("memory_mb",), "seconds of budget", "MiB (peak so far)"),
 ]
+# preference runs (objective dpo / orpo / simpo) add: "eval:KEY" plots KEY of the held-out evals
+PREFERENCE_PLOT = ("reward-accuracy", "Reward accuracy (share of pairs whose chosen answer gets the higher reward)", "tokens",
+                   ("reward_accuracy", "eval:reward_accuracy"), "training tokens", "reward accuracy")
 
 
 def _load(run_dir: Path) -> dict:
@@ -72,13 +75,14 @@ def _plot(runs: list[dict], x: str, ys: tuple[str, ...], xlabel: str, ylabel: st
         steps = [m for m in r["metrics"] if "event" not in m]
         evals = [m for m in r["metrics"] if m.get("event") == "eval"]
         for y in ys:
-            source = evals if y == "eval_loss" else steps
+            held_out = y == "eval_loss" or y.startswith("eval:")
+            source, y = (evals if held_out else steps), y.removeprefix("eval:")
             points = [(m[x], m[y]) for m in source if m.get(x) is not None and m.get(y) is not None]
             if not points:
                 continue
             xs, vs = zip(*points)
             label = r["name"] if len(runs) > 1 else ""
-            if y == "eval_loss":
+            if held_out:
                 ax.plot(xs, vs, "o-", color=color, markersize=4, label=f"{label} eval".strip())
             else:
                 ax.plot(xs, vs, "-", color=color, linewidth=1, alpha=0.8 if len(ys) > 1 else 1.0,
@@ -199,11 +203,18 @@ def render(runs: list[dict]) -> str:
     parts.append("<h2>Planner: predicted / measured</h2>" + _table(
         ["run", "peak memory predicted", "measured", "error", "tokens/s predicted", "measured (median step)", "error"],
         _prediction_rows(runs)))
+    preference = [r for r in runs if r["summary"].get("preference_eval")]
+    if preference:
+        parts.append("<h2>Preference: held-out pairs at the end</h2>" + _table(
+            ["run", "objective", "reward accuracy", "mean margin", "chosen log-prob", "rejected log-prob"],
+            [[r["name"], r["summary"].get("objective", "—"), *[_fmt(r["summary"]["preference_eval"].get(k)) for k in
+                                                               ("reward_accuracy", "margin", "chosen_logp", "rejected_logp")]]
+             for r in preference]))
     data_rows = _data_rows(runs)
     if data_rows:
         parts.append("<h2>Data</h2>" + _table(["run", "what", ""], data_rows))
     parts.append("<h2>Curves</h2><div class='plots'>")
-    for pid, caption, x, ys, xlabel, ylabel in PLOTS:
+    for pid, caption, x, ys, xlabel, ylabel in PLOTS + ([PREFERENCE_PLOT] if preference else []):
         parts.append(f"<figure class='plot' id='{pid}'><figcaption>{html.escape(caption)}</figcaption>"
                      f"{_plot(runs, x, ys, xlabel, ylabel)}</figure>")
     parts.append("</div>")

@@ -14,15 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import IGNORE
 from .errors import TrainingError
-from .evaluate import token_losses
 from .guard import BadSteps, halve_micro_batch
 
 
 @dataclass
 class StepResult:
-    loss: float  # mean loss over the step's target tokens (all processes)
+    loss: float  # mean loss over the step's target tokens, or pairs for a preference objective (all processes)
     tokens: float  # non-padding tokens in the step (all processes)
     grad_norm: float
     verdict: str  # BadSteps' word: ok, skip, restore, give_up
@@ -33,7 +31,7 @@ def forward_backward(run, rows: list[list[int]]) -> tuple[float, float, torch.Te
     """Forward and backward over one step's micro-batches; (targets, tokens, summed loss)."""
     batches = [run.data.train.batch(r) for r in rows]
     counts = torch.tensor([
-        float(sum((b["labels"][:, 1:] != IGNORE).sum() for b in batches)),
+        float(sum(run.objective.count(b) for b in batches)),  # target tokens (sft) or pairs (dpo, orpo, simpo)
         float(sum(run.data.train.real_tokens[r].sum() for r in rows)),
     ], device=run.device)
     targets, step_tokens = run.reduce_sum(counts).tolist()
@@ -41,7 +39,7 @@ def forward_backward(run, rows: list[list[int]]) -> tuple[float, float, torch.Te
     for i, batch in enumerate(batches):
         sync = contextlib.nullcontext() if i == len(batches) - 1 else run.accelerator.no_sync(run.model)
         with sync:
-            loss, _ = token_losses(run.model, {k: v.to(run.device) for k, v in batch.items()})
+            loss = run.objective.loss(run.model, {k: v.to(run.device) for k, v in batch.items()})
             loss_sum += loss.detach()
             if run.fused and not torch.isfinite(loss):
                 continue  # the update would happen inside backward, before any check

@@ -33,15 +33,18 @@ from .data import prepare_data
 from .data.sampler import RowSampler
 from .data.select import tokens_in_budget
 from .errors import BudgetuneError, Interrupted, RunStopped, TrainingError
-from .evaluate import heldout_loss
+from .evaluate import heldout_loss, heldout_metrics
 from .fast_forward import FastForward
 from .guard import BadSteps, StopSignals
 from .methods import get_method
+from .objectives import Objective, get_objective
+from .objectives.sft import SFT
 from .metrics import MetricsLog, check_trackers, environment, flat_config, peak_memory_bytes
 from .models import count_parameters, load_model, load_tokenizer
 from .optim import build_optimizer, updates_in_backward
 from .plan import flops_per_token, matmul_parameters
 from .plan.search import plan_for_training
+from .plan.throughput import reference_flops_per_token
 from .plan.throughput import SpeedCalibration
 from .report import report
 from .rundir import RunDir
@@ -160,6 +163,8 @@ class Run:
     ckpt_every: Every | None = None
     skipped_evals: int = 0
     warned_busy: bool = False
+    objective: Objective = field(default_factory=SFT)  # what the step's loss is (objectives/)
+    last_eval: dict = field(default_factory=dict)  # the latest eval's metrics (preference: reward accuracy, margin, ...)
 
     # shorthands the step uses
     @property
@@ -205,13 +210,14 @@ class Run:
     # --- evals and checkpoints: what they cost is what the budget keeps back --------------------------
     def evaluate(self) -> float:
         t = time.monotonic()
-        loss = heldout_loss(self.model, self.eval_rows, self.cfg.train.micro_batch, self.cfg.eval.max_tokens,
-                            self.device, self.world, self.accelerator.process_index, self.reduce_sum)
+        self.last_eval = heldout_metrics(self.model, self.objective, self.eval_rows, self.cfg.train.micro_batch,
+                                         self.cfg.eval.max_tokens, self.device, self.world, self.accelerator.process_index,
+                                         self.reduce_sum)
         self.eval_costs.append((time.monotonic() - t, self.recent_rate()))
         self.update_reserve()
         self.metrics.write(event="eval", step=self.clock.steps, tokens=self.clock.tokens, seconds=round(self.clock.elapsed(), 3),
-                           eval_loss=loss)
-        return loss
+                           **self.last_eval)
+        return self.last_eval["eval_loss"]
 
     def recent_rate(self) -> float | None:
         """Training tokens/s over the last few steps: how fast the machine is now."""
@@ -322,6 +328,7 @@ def setup(cfg: Config, run_dir: RunDir, accelerator, resume: bool, extend: bool,
     trainable, total = count_parameters(model)
     n_matmul, n_matmul_trainable = matmul_parameters(model)
     fpt = flops_per_token(model.config, cfg.data.seq_len, n_matmul, n_matmul_trainable)
+    fpt += reference_flops_per_token(model.config, cfg.data.seq_len, n_matmul, cfg.objective.name, cfg.method.name)  # DPO + adapter
     optimizer = build_optimizer(model, cfg.optim, method.lr_scales(cfg.method))
     log(f"model: {format_count(total)} parameters, {format_count(trainable)} trainable ({cfg.method.name}); device {device}, {world} process(es)")
 
@@ -347,7 +354,8 @@ def setup(cfg: Config, run_dir: RunDir, accelerator, resume: bool, extend: bool,
                                                                   guess_s=12 * trainable / 200e6 + 0.05),
               metrics=MetricsLog(run_dir.metrics if main else None, tracker=accelerator.log if cfg.tracking else None),
               bad=BadSteps(cfg.train.max_bad_steps), say=log, fpt=fpt, trainable=trainable, total=total,
-              prediction=prediction, started_at=started_at, show=show, speed=SpeedCalibration(prediction), eval_rows=data.eval)
+              prediction=prediction, started_at=started_at, show=show, speed=SpeedCalibration(prediction), eval_rows=data.eval,
+              objective=get_objective(cfg))
     state = {}
     if latest is not None:
         state = load_checkpoint(latest, method.saved_parameters(run.raw_model), run.optimizer)
@@ -360,6 +368,7 @@ def setup(cfg: Config, run_dir: RunDir, accelerator, resume: bool, extend: bool,
             raise BudgetuneError(f"--extend: the budget ({clock.budget.describe()}) is already spent by the finished run; "
                                  "raise budget.time / budget.tokens / budget.steps / budget.flops to train further")
         log(f"resumed from {latest} (step {clock.steps}, {format_duration(clock.elapsed())} of budget used)")
+    run.objective.prepare(run)  # checks the data; DPO: its reference (log-probs computed once are paid from the budget)
     if cfg.train.fast_forward:  # its judge: the last few held-out rows, kept out of the reported eval
         _split_fast_forward_rows(run)
     if cfg.tracking:
@@ -494,11 +503,14 @@ def _after_step(run: Run, result: steps.StepResult, bar: TrainProgress) -> None:
     run.update_reserve()  # the machine's speed changes what the final eval will cost
     if result.fast_forward is not None:
         run.metrics.write(event="fast_forward", step=clock.steps, repeats=result.fast_forward[0], ff_loss=result.fast_forward[1])
+    preference = run.objective.step_metrics()  # reward accuracy, margin, log-probs of the step's pairs (none for sft)
     run.metrics.write(step=clock.steps, tokens=clock.tokens, seconds=round(clock.elapsed(), 3), progress=round(clock.progress(), 5),
                       schedule_progress=round(clock.schedule_progress(), 5), loss=result.loss, lr=run.lr,
                       tokens_per_s=round(tokens_per_s, 1), grad_norm=result.grad_norm,
-                      memory_mb=round(peak_memory_bytes(run.device) / 2**20, 1), epoch=round(run.sampler.epoch, 4))
-    bar.update(clock.progress(), clock.steps, result.loss, run.lr, tokens_per_s, clock.training_time_left(), clock.governing())
+                      memory_mb=round(peak_memory_bytes(run.device) / 2**20, 1), epoch=round(run.sampler.epoch, 4),
+                      **preference)
+    bar.update(clock.progress(), clock.steps, result.loss, run.lr, tokens_per_s, clock.training_time_left(), clock.governing(),
+               f" acc {preference['reward_accuracy']:.2f}" if preference else "")
     probed = (run.prediction or {}).get("measured_tokens_per_s")
     if probed and not run.warned_busy and len(run.step_rates) >= 5 and statistics.median(run.step_rates[-5:]) * BUSY_FACTOR < probed:
         run.warned_busy = True
@@ -563,6 +575,8 @@ def finish(run: Run) -> dict:
         "train_tokens_per_s_median": round(statistics.median(run.step_rates), 1) if run.step_rates else None,
         "eval_loss_before": run.loss_before,
         "eval_loss_after": loss_after,
+        "objective": cfg.objective.name,
+        **({"preference_eval": {k: v for k, v in run.last_eval.items() if k != "eval_loss"}} if run.objective.preference else {}),
         "uniform_loss": math.log(len(run.tokenizer)),
         "final_train_loss": run.last.loss if run.last else math.nan,
         "final_lr": run.lr,
@@ -591,6 +605,11 @@ def finish(run: Run) -> dict:
                    f"{100 * summary['budget_utilisation']:.0f}% of it in optimizer steps)" if budget_s else "")
                 + f": {clock.steps} steps, {format_count(clock.tokens)} tokens, eval loss {run.loss_before:.4f} → {loss_after:.4f}; "
                 f"run folder {run.dir.path}")
+        if run.objective.preference and run.last_eval:
+            e = run.last_eval
+            run.say(f"{cfg.objective.name}: held-out reward accuracy {e.get('reward_accuracy', math.nan):.3f}, mean margin "
+                    f"{e.get('margin', math.nan):.4f}, log-probs chosen {e.get('chosen_logp', math.nan):.2f} / rejected "
+                    f"{e.get('rejected_logp', math.nan):.2f}")
         if run.prediction:
             run.say(f"planner: peak memory {run.prediction['peak_memory_mb']:.0f} MB predicted "
                     f"({run.prediction.get('peak_memory_basis', 'live tensors')}), {summary['peak_memory_mb']:.0f} MB measured (peak RSS); "

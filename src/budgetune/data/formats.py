@@ -10,6 +10,12 @@
 - alpaca: `{"instruction", "input", "output"}` (optional `"system"`, `"history"` of
   [instruction, response] pairs): the user turn is the instruction, then the input; read
   as chat, so the loss is on the output (and the history's responses).
+- preference: `{"prompt", "chosen", "rejected"}` strings (prompt + answer, like
+  prompt_completion), or chat form: `chosen`/`rejected` message lists that share every turn
+  but the last assistant one (or an explicit `prompt` message list), rendered with the chat
+  template. A pair is one example: the chosen sequence, then the rejected one, with loss
+  mask values PREF_CHOSEN / PREF_REJECTED on the answers (packing.py keeps the pair in one
+  row and restarts positions between its halves).
 
 Adding a format is adding a class to FORMATS: `detect(record, cfg)`, `encode(records,
 wheres, tokenizer, cfg)` and `texts(record, cfg)` (the strings a tokenizer is trained on).
@@ -24,6 +30,9 @@ import numpy as np
 from ..errors import ConfigError, DataError
 
 Encoded = tuple[list[int], list[int]]  # (token ids, loss mask 0/1)
+
+# Loss-mask values of a preference pair (bit 0: an answer token, bit 1: the rejected half)
+PREF_CHOSEN, PREF_REJECTED_PROMPT, PREF_REJECTED = 1, 2, 3
 
 # A plain ChatML template, used when the tokenizer has none (tokenizer.chat_template unset).
 DEFAULT_CHAT_TEMPLATE = (
@@ -187,15 +196,19 @@ def _render(tokenizer, messages, add_generation_prompt: bool, where: str) -> str
 
 def _chat_messages(record: dict, where: str, cfg) -> list[dict]:
     """The `messages` list of a chat record, checked, with data.roles applied."""
-    messages = record.get(cfg.messages_field)
+    return _checked_messages(record.get(cfg.messages_field), where, cfg, cfg.messages_field)
+
+
+def _checked_messages(messages, where: str, cfg, field: str) -> list[dict]:
+    """A list of {role, content} messages (the value of `field`), checked, with data.roles applied."""
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: '{cfg.messages_field}' must be a non-empty list of {{role, content}} objects")
+        raise DataError(f"{where}: '{field}' must be a non-empty list of {{role, content}} objects")
     roles = role_map(cfg)
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             hint = (f"; it has 'from'/'value' (ShareGPT): set data.format: sharegpt and data.conversations_field: "
-                    f"{cfg.messages_field}") if isinstance(m, dict) and "from" in m and "value" in m else ""
+                    f"{field}") if isinstance(m, dict) and "from" in m and "value" in m else ""
             raise DataError(f"{where}: message {i} must be an object with string 'role' and 'content'{hint}")
         out.append({**m, "role": _chat_role(m["role"], roles, where, i)})
     return out
@@ -250,7 +263,7 @@ def _alpaca_messages(record: dict, where: str, cfg) -> list[dict]:
     return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
 
-def _encode_messages(messages: list[dict], where: str, tokenizer) -> Encoded:
+def _encode_messages(messages: list[dict], where: str, tokenizer, last_only: bool = False) -> Encoded:
     """Render the whole conversation once; mark the characters each assistant turn adds.
 
     The assistant span of turn i runs from where its content starts (after the role
@@ -264,7 +277,7 @@ def _encode_messages(messages: list[dict], where: str, tokenizer) -> Encoded:
     full = _render(tokenizer, messages, False, where)
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or (last_only and i != len(messages) - 1):
             continue
         # the reply starts where its content appears after the previous turns (this skips
         # the role header for any template, including a conversation opened by the assistant)
@@ -287,9 +300,85 @@ def _encode_messages(messages: list[dict], where: str, tokenizer) -> Encoded:
     return list(ids), mask.tolist()
 
 
-# In the order `auto` tries them: conversations first, text last (chat and instruction
-# records may also carry a 'text' field). Each is told apart by fields the others lack.
-FORMATS = {f.name: f for f in (ChatFormat, ShareGPTFormat, PromptCompletionFormat, AlpacaFormat, TextFormat)}
+class PreferenceFormat:
+    """Preference pairs for dpo / orpo / simpo: a prompt, a chosen and a rejected answer."""
+
+    name = "preference"
+
+    @staticmethod
+    def detect(record: dict, cfg) -> bool:
+        return cfg.chosen_field in record or cfg.rejected_field in record  # one without the other: named as missing
+
+    @staticmethod
+    def encode(records: Sequence[dict], wheres: Sequence[str], tokenizer, cfg) -> list[Encoded]:
+        out = []
+        for record, where in zip(records, wheres):
+            (c_ids, c_mask), (r_ids, r_mask) = _preference_halves(record, where, tokenizer, cfg)
+            if not any(c_mask) or not any(r_mask):
+                raise DataError(f"{where}: the {'chosen' if not any(c_mask) else 'rejected'} answer has no tokens; fill or remove this pair")
+            out.append((c_ids + r_ids, [PREF_CHOSEN if m else 0 for m in c_mask]
+                        + [PREF_REJECTED if m else PREF_REJECTED_PROMPT for m in r_mask]))
+        return out
+
+    @staticmethod
+    def texts(record: dict, cfg) -> list:
+        out = []
+        for key in (cfg.prompt_field, cfg.chosen_field, cfg.rejected_field):
+            value = record.get(key)
+            if isinstance(value, str):
+                out.append(value)
+            elif isinstance(value, list):
+                out += [m.get("content") for m in value if isinstance(m, dict)]
+        return out
+
+
+def _preference_halves(record: dict, where: str, tokenizer, cfg) -> tuple[Encoded, Encoded]:
+    """(chosen, rejected) as (ids, 0/1 answer mask), after the checks that make a pair usable."""
+    cf, rf, pf = cfg.chosen_field, cfg.rejected_field, cfg.prompt_field
+    for key in (cf, rf):
+        if record.get(key) is None:
+            raise DataError(f"{where}: missing field '{key}' for preference data (found: {', '.join(map(str, record))}); "
+                            f"a pair needs '{cf}' and '{rf}' (fix or remove it, or set data.on_error: skip)")
+    chosen, rejected = record.get(cf), record.get(rf)
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        prompt = _field(record, pf, where, "preference")
+        chosen, rejected = _field(record, cf, where, "preference", True), _field(record, rf, where, "preference", True)
+        if chosen == rejected:
+            raise DataError(f"{where}: '{cf}' and '{rf}' are the same answer — nothing to prefer; fix or remove this pair "
+                            "(or set data.on_error: skip)")
+        p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
+        a_ids = [_with_eos(ids, tokenizer) for ids in tokenizer([chosen, rejected], add_special_tokens=False)["input_ids"]]
+        if not p_ids:  # no prompt: the answer still opens with the tokenizer's special tokens (if any), without loss
+            p_ids = tokenizer("", add_special_tokens=True)["input_ids"]
+        return tuple((p_ids + a, [0] * len(p_ids) + [1] * len(a)) for a in a_ids)
+    if not isinstance(chosen, list) or not isinstance(rejected, list):
+        raise DataError(f"{where}: '{cf}' and '{rf}' must both be strings or both be lists of chat messages, got "
+                        f"{type(chosen).__name__} and {type(rejected).__name__}")
+    conversations = []
+    for key, value in ((cf, chosen), (rf, rejected)):
+        messages = _checked_messages(value, where, cfg, key) if value else []
+        if record.get(pf) is not None:  # explicit prompt: a message list (or a user turn as a string) before the answer
+            prompt = record[pf]
+            prompt = [{"role": "user", "content": _field(record, pf, where, "preference")}] if isinstance(prompt, str) else (
+                _checked_messages(prompt, where, cfg, pf))
+            messages = prompt + messages
+        if not messages or messages[-1]["role"] != "assistant":
+            raise DataError(f"{where}: '{key}' must end with an assistant message (the answer that is preferred or rejected)")
+        conversations.append(messages)
+    c_msgs, r_msgs = conversations
+    if c_msgs[:-1] != r_msgs[:-1]:
+        turn = next((i for i, (a, b) in enumerate(zip(c_msgs[:-1], r_msgs[:-1])) if a != b), min(len(c_msgs), len(r_msgs)) - 1)
+        raise DataError(f"{where}: the prompts of '{cf}' and '{rf}' differ (at message {turn}); a pair must share every "
+                        "message but the final assistant answer")
+    if c_msgs[-1]["content"] == r_msgs[-1]["content"]:
+        raise DataError(f"{where}: '{cf}' and '{rf}' end with the same answer — nothing to prefer; fix or remove this pair "
+                        "(or set data.on_error: skip)")
+    return _encode_messages(c_msgs, where, tokenizer, last_only=True), _encode_messages(r_msgs, where, tokenizer, last_only=True)
+
+
+# In the order `auto` tries them: preference pairs and conversations first, text last (chat and
+# instruction records may also carry a 'text' field). Each is told apart by fields the others lack.
+FORMATS = {f.name: f for f in (PreferenceFormat, ChatFormat, ShareGPTFormat, PromptCompletionFormat, AlpacaFormat, TextFormat)}
 
 
 def detect_format(record: dict, where: str, cfg) -> str:
@@ -299,6 +388,7 @@ def detect_format(record: dict, where: str, cfg) -> str:
     raise DataError(
         f"{where}: cannot tell the data format from fields {sorted(map(str, record))}; expected "
         f"'{cfg.text_field}', '{cfg.prompt_field}'+'{cfg.completion_field}', '{cfg.messages_field}' (chat), "
-        f"'{cfg.conversations_field}' (sharegpt) or '{cfg.instruction_field}'+'{cfg.output_field}' (alpaca) "
+        f"'{cfg.conversations_field}' (sharegpt), '{cfg.instruction_field}'+'{cfg.output_field}' (alpaca) "
+        f"or '{cfg.chosen_field}'+'{cfg.rejected_field}' (preference) "
         "(or set data.format and the data.*_field keys)"
     )

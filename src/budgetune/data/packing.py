@@ -67,6 +67,10 @@ class Rows:
     attention_mask: np.ndarray | None
     real_tokens: np.ndarray  # [rows] tokens that are not padding
     truncated: int = 0
+    # preference pairs: per token, 2k+1 in pair k's chosen half, 2k+2 in its rejected half, 0 padding
+    segments: np.ndarray | None = None
+    # per row and pair, the reference model's (chosen, rejected) log-probs when they were computed once (DPO, full FT)
+    reference: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -80,7 +84,13 @@ class Rows:
         """The rows `indices`, as Rows of their own."""
         idx = np.asarray(indices, dtype=np.int64)
         pick = lambda a: None if a is None else a[idx]  # noqa: E731
-        return Rows(self.input_ids[idx], self.labels[idx], pick(self.position_ids), pick(self.attention_mask), self.real_tokens[idx])
+        return Rows(self.input_ids[idx], self.labels[idx], pick(self.position_ids), pick(self.attention_mask), self.real_tokens[idx],
+                    segments=pick(self.segments), reference=pick(self.reference))
+
+    @property
+    def pairs(self) -> np.ndarray:
+        """Preference pairs in each row."""
+        return self.segments.max(axis=1) // 2
 
     def batch(self, indices) -> dict:
         """Tensors for rows `indices`; padded rows are trimmed to the longest in the batch."""
@@ -88,7 +98,14 @@ class Rows:
 
         idx = np.asarray(indices)
         out = {"input_ids": self.input_ids[idx], "labels": self.labels[idx]}
-        if self.position_ids is not None:
+        if self.segments is not None:  # preference pairs: trimmed to the longest row (trailing padding carries nothing)
+            width = int(self.real_tokens[idx].max())
+            out = {k: v[:, :width] for k, v in out.items()}
+            out["position_ids"] = self.position_ids[idx, :width]
+            out["segments"] = self.segments[idx, :width]
+            if self.reference is not None:
+                out["reference_logps"] = self.reference[idx]
+        elif self.position_ids is not None:
             out["position_ids"] = self.position_ids[idx]
         else:
             width = int(self.attention_mask[idx].sum(1).max())
@@ -98,6 +115,8 @@ class Rows:
 
 
 def build_rows(data: TokenizedSet, seq_len: int, pack: bool, pad_id: int) -> Rows:
+    if data.format == "preference":
+        return build_pair_rows(data, seq_len, pack, pad_id)
     chunk = data.format == "text"
     spans, truncated = split_long(data, seq_len, chunk)
     lengths = [e - s for s, e in spans]
@@ -131,3 +150,50 @@ def build_rows(data: TokenizedSet, seq_len: int, pack: bool, pad_id: int) -> Row
         real_tokens=real,
         truncated=truncated,
     )
+
+
+def build_pair_rows(data: TokenizedSet, seq_len: int, pack: bool, pad_id: int) -> Rows:
+    """Rows of preference pairs: each pair whole in one row (chosen half, then rejected half, positions
+    restarting at each half, so neither half sees the other), `segments` telling the halves apart.
+
+    pack=True fills rows with several pairs (best-fit decreasing); pack=False gives each pair its own
+    row, trimmed per batch to the longest. Packing is the default, as for SFT: it computes no padding.
+    Which is faster is measured by `benchmarks/preference.py` (its layout part); on 2026-11-25 that
+    measurement did not get the shared machine in time, so it is not yet settled (docs/benchmarks.md).
+    A pair longer than seq_len has each half truncated to seq_len // 2 tokens (counted).
+    """
+    from .formats import PREF_REJECTED_PROMPT
+
+    halves, truncated = [], 0
+    for start, end in zip(data.offsets[:-1].tolist(), data.offsets[1:].tolist()):
+        split = start + int(np.argmax(data.loss_mask[start:end] >= PREF_REJECTED_PROMPT))
+        parts = [(start, split), (split, end)]
+        if end - start > seq_len:
+            parts = [(s, min(e, s + seq_len // 2)) for s, e in parts]
+            truncated += 1
+        halves.append(parts)
+    lengths = [sum(e - s for s, e in parts) for parts in halves]
+    groups = pack_examples(lengths, seq_len) if pack else [[i] for i in range(len(halves))]
+    n = len(groups)
+    input_ids = np.full((n, seq_len), pad_id, dtype=np.int64)
+    labels = np.full((n, seq_len), IGNORE, dtype=np.int64)
+    positions = np.zeros((n, seq_len), dtype=np.int64)
+    segments = np.zeros((n, seq_len), dtype=np.int16)
+    real = np.zeros(n, dtype=np.int64)
+    for r, group in enumerate(groups):
+        col = 0
+        for k, i in enumerate(group):
+            for side, (s, e) in enumerate(halves[i]):
+                length = e - s
+                ids = data.tokens[s:e]
+                input_ids[r, col : col + length] = ids
+                target = np.where(data.loss_mask[s:e] & 1, ids, IGNORE)
+                target[0] = IGNORE
+                labels[r, col : col + length] = target
+                positions[r, col : col + length] = np.arange(length)
+                segments[r, col : col + length] = 2 * k + 1 + side
+                col += length
+        real[r] = col
+        positions[r, col:] = np.arange(seq_len - col)
+    return Rows(input_ids=input_ids, labels=labels, position_ids=positions, attention_mask=None, real_tokens=real,
+                truncated=truncated, segments=segments)

@@ -78,6 +78,7 @@ def _cache_key(files: list[Path], tokenizer, cfg) -> str:
     h.update(tokenizer_fingerprint(tokenizer).encode())
     h.update(repr((cfg.format, cfg.text_field, cfg.prompt_field, cfg.completion_field, cfg.messages_field, cfg.on_error,
                    cfg.conversations_field, cfg.instruction_field, cfg.input_field, cfg.output_field,
+                   getattr(cfg, "chosen_field", "chosen"), getattr(cfg, "rejected_field", "rejected"),
                    sorted((str(k), str(v)) for k, v in cfg.roles.items()))).encode())
     return h.hexdigest()[:24]
 

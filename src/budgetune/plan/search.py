@@ -28,7 +28,8 @@ from .batch import BatchChoice, choose_batch, rows_from_batch_tokens
 from .memory import MemoryEstimate, allocator_basis, estimate_memory, with_allocator
 from .recipe import Recipe, prepare_method
 from .scaling import ScratchProposal, propose_scratch
-from .throughput import device_flops_guess, probe, step_flops_per_token
+from .flops import matmul_parameters
+from .throughput import device_flops_guess, probe, reference_pass_factor, step_flops_per_token
 
 
 
@@ -179,7 +180,8 @@ def distributed_setup(cfg) -> tuple[int, int]:
 def optimizer_extra(cfg) -> dict:
     """The optimizer options the memory model needs (projection rank, FRUGAL's subspace)."""
     return {"galore_rank": cfg.optim.rank, "frugal_subspace": cfg.optim.subspace, "frugal_density": cfg.optim.density,
-            "layerwise": cfg.optim.layerwise, "natural_history": cfg.optim.history}
+            "layerwise": cfg.optim.layerwise, "natural_history": cfg.optim.history,
+            "objective": cfg.objective.name}  # dpo with an adapter: a reference forward per step (step_flops_per_token)
 
 
 def batch_is_open(cfg) -> bool:
@@ -350,7 +352,9 @@ def _calibrate(config, candidates: list[Candidate], steps: int, device: torch.de
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if c.recipe.precision == "bf16-mixed" else _null()
         with autocast:
             result = probe(model, c.recipe, c.flops_per_token, steps, device)
-        c.tokens_per_s, c.probed = result.tokens_per_s, True
+        # the probe times next-token steps; a DPO step also runs the reference forward
+        slower = reference_pass_factor(config, c.recipe, c.flops_per_token, matmul_parameters(model)[0])
+        c.tokens_per_s, c.probed = result.tokens_per_s / slower, True
         log(f"probe {c.recipe.method}{'+' + c.recipe.quantize if c.recipe.quantize else ''} mb={c.recipe.micro_batch} "
             f"ckpt={c.recipe.gradient_checkpointing}: {result.tokens_per_s:,.0f} tokens/s")
         del model

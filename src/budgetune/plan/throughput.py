@@ -38,7 +38,27 @@ def step_flops_per_token(config, recipe: Recipe, n_matmul: int, n_trainable: int
     if recipe.gradient_checkpointing:
         layers = getattr(config, "num_hidden_layers", 0) or 0
         base += 2.0 * n_matmul + 2.0 * layers * recipe.seq_len * (getattr(config, "hidden_size", 0) or 0)
-    return base
+    return base + reference_flops_per_token(config, recipe.seq_len, n_matmul, recipe.extra.get("objective", "sft"), recipe.method)
+
+
+def reference_flops_per_token(config, seq_len: int, n_matmul: int, objective: str, method: str) -> float:
+    """DPO with an adapter method: the reference is the same model with its adapter disabled, one more
+    forward pass (no gradients) per step — 2 FLOPs per matmul parameter and the attention's forward.
+    (Full fine-tuning pays its reference once, before training, from the time budget.) Both answers of
+    a pair are already counted: they are the step's tokens."""
+    from ..methods import METHODS
+
+    if objective != "dpo" or not getattr(METHODS.get(method), "adapter", False):
+        return 0.0
+    layers = getattr(config, "num_hidden_layers", 0) or 0
+    return 2.0 * n_matmul + 2.0 * layers * seq_len * (getattr(config, "hidden_size", 0) or 0)
+
+
+def reference_pass_factor(config, recipe: Recipe, step_fpt: float, n_matmul: int) -> float:
+    """How much longer a step of `recipe` (`step_fpt` FLOPs per token) takes than the plain next-token
+    step a probe times."""
+    extra = reference_flops_per_token(config, recipe.seq_len, n_matmul, recipe.extra.get("objective", "sft"), recipe.method)
+    return step_fpt / (step_fpt - extra) if extra else 1.0
 
 
 @dataclass
