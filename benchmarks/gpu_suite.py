@@ -23,8 +23,8 @@ differ; the table shows them).
 Every row is its own process (clean CUDA peaks). Columns: tokens/s (non-padding tokens, the timed
 steps after `--warmup`), MFU (tokens/s × budgetune's FLOPs per token ÷ the device's dense bf16
 peak), peak memory (`torch.cuda.max_memory_allocated` / `max_memory_reserved`; on the CPU the
-process's RSS high-water), and for budgetune rows the planner's predicted peak (live tensors: its
-total minus the framework overhead term) against the measured allocated peak.
+process's RSS high-water), and for budgetune rows the planner's predicted peak against the measured allocated peak (on CUDA without the prediction's
+framework-overhead term, which max_memory_allocated does not see; on the CPU the whole process).
 
 Installs nothing at run time: bring a venv with budgetune[bench] (trl), and optionally
 budgetune[liger] and flash-attn (docs/benchmarks.md says what to carry to the GPU machine).
@@ -97,10 +97,9 @@ def _timed(tokens: list[float], seconds: list[float], warmup: int) -> float:
 
 
 def run_budgetune(spec: dict) -> dict:
-    import torch
-
     from budgetune.config import load_config
     from budgetune.console import quiet_libraries
+    from budgetune.fastpath import describe
     from budgetune.rundir import RunDir
     from budgetune.train import _accelerator, fit, setup
 
@@ -110,25 +109,23 @@ def run_budgetune(spec: dict) -> dict:
     run_dir.check(False, True)
     run_dir.prepare(False, True)
     lock = run_dir.lock_and_sign()
-    lines: list[str] = []
     try:
         accelerator = _accelerator(cfg, run_dir)
-        import budgetune.train as train_module
-
-        train_module.say = lines.append  # the fast-path line and the rest of setup's log, kept for the table
-        run = setup(cfg, run_dir, accelerator, False, False, show=True)
+        run = setup(cfg, run_dir, accelerator, False, False, show=False)
         fit(run)
         run.checkpointer.wait()
     finally:
         lock.close()
     tokens = [r * s for r, s in zip(run.step_rates, run.step_seconds)]
     prediction = run.prediction or {}
-    terms = prediction.get("memory_terms_mb", {})
+    # on CUDA max_memory_allocated sees tensors only: compare the prediction without its framework-overhead
+    # term; on the CPU the RSS peak holds the whole process, as the prediction's total does
+    overhead = prediction.get("memory_terms_mb", {}).get("overhead", 0) if run.device.type == "cuda" else 0
+    attention = run.raw_model.config._attn_implementation
     return {"tokens_per_s": _timed(tokens, run.step_seconds, spec["warmup"]), "tokens_per_step": statistics.mean(tokens),
-            "fpt": run.fpt, "steps": run.clock.steps, "attention": run.raw_model.config._attn_implementation,
-            "fast_path": next((line.split("fast path: ", 1)[1] for line in lines if line.startswith("fast path: ")), ""),
-            "predicted_mb": (prediction["peak_memory_mb"] - terms.get("overhead", 0)) if prediction else None,
-            **_memory(run.device)}
+            "fpt": run.fpt, "steps": run.clock.steps, "attention": attention,
+            "fast_path": describe(cfg, run.device.type, attention),
+            "predicted_mb": (prediction["peak_memory_mb"] - overhead) if prediction else None, **_memory(run.device)}
 
 
 def run_peer(spec: dict) -> dict:
