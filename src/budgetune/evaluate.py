@@ -55,9 +55,12 @@ def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     chunk = loss_chunk(inner.config) if plain_head else 0
     if fused is not None:
         hidden = _final_hidden(model, head, batch)
-        # under bf16 autocast the hidden states are bf16 and the master weight fp32: the kernel wants one dtype
-        weight, bias = (p if p is None or p.dtype == hidden.dtype else p.to(hidden.dtype) for p in (head.weight, head.bias))
-        loss = fused(weight, hidden[:, :-1].flatten(0, 1), targets.flatten(), bias)
+        # the kernel wants one dtype: under autocast (step.py) the autocast dtype, with autocast off inside it
+        kind = hidden.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
+        weight, bias = (p if p is None or p.dtype == dtype else p.to(dtype) for p in (head.weight, head.bias))
+        with torch.autocast(kind, enabled=False):
+            loss = fused(weight, hidden[:, :-1].flatten(0, 1).to(dtype), targets.flatten(), bias)
         return loss, (targets != IGNORE).sum()
     if not chunk:
         logits = model(**batch, use_cache=False).logits
