@@ -271,3 +271,18 @@ def test_compiled_layers_match_eager_loss_and_gradients():
     assert lc.item() == pytest.approx(le.item(), rel=1e-5)
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+
+
+@pytest.mark.slow
+def test_a_pure_bf16_run_trains_checkpoints_and_says_what_it_picked(tmp_path, capsys):
+    import budgetune
+    from helpers import tiny_config, write_text_corpus
+
+    cfg = tiny_config(tmp_path, write_text_corpus(tmp_path / "corpus"), train={"precision": "pure-bf16", "deterministic": False})
+    summary = budgetune.train(cfg)
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    out = " ".join(capsys.readouterr().out.split())  # the console may wrap long lines
+    assert "fast path: attention: SDPA with a block-diagonal [T, T] mask; precision pure-bf16" in out
+    state = torch.load(sorted((tmp_path / "run" / "checkpoints").iterdir())[-1] / "optimizer.pt", weights_only=True)
+    first = next(iter(state["state"].values()))
+    assert first["kahan_comp"].dtype == torch.bfloat16 and first["exp_avg"].dtype == torch.bfloat16
