@@ -39,9 +39,14 @@ def mean_loss(model, rows) -> tuple[float, int]:
     return total / count, count
 
 
+# every implementation that runs on the CPU (attention.py): FlexAttention runs forward only there
+# (torch 2.13 has no CPU backward for it), which is all this test needs
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
 def test_packed_loss_equals_unpacked(arch, attn):
+    if attn == "flex_attention" and arch == "gpt_neox":
+        pytest.skip("FlexAttention compiles a kernel per head layout (15-30 s on 2 CPU cores); llama and qwen2, "
+                    "the layouts the GPU fast path targets, cover it")
     torch.manual_seed(0)
     config = ARCHS[arch]()
     config._attn_implementation = attn

@@ -37,7 +37,8 @@ class ModelConfig:
     trust_remote_code: bool = False  # run a model's own Python code (auto_map); off unless you trust the source
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU; bf16 frozen base for adapters on a GPU
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% more compute); the planner may turn it on
-    attn_implementation: str = "sdpa"  # sdpa, eager or flash_attention_2 (transformers' names)
+    attn_implementation: str = "auto"  # auto: flash_attention_2 (flash-attn varlen) on a GPU with flash_attn installed, else flex_attention on a GPU, else sdpa; or name one (sdpa, eager, flash_attention_2, flex_attention)
+    liger: bool | str = "auto"  # Liger Kernel (RMSNorm, SwiGLU, RoPE, fused linear + cross-entropy): auto = on a GPU when liger-kernel is installed (the `liger` extra); else the chunked loss
     quantize: Literal["nf4", "fp4", "int8"] | None = None  # QLoRA: store the frozen base quantised by bitsandbytes (adapter methods only; embeddings and LM head stay unquantised)
     double_quant: bool = True  # 4-bit only: quantise the quantisation constants again (~0.37 bit/parameter less)
 
@@ -163,6 +164,8 @@ class TrainConfig:
     deterministic: bool = False  # torch deterministic algorithms (bit-exact resume checks)
     fast_forward: int = 0  # adapter methods: every N optimizer steps, repeat the last update while a tiny held-out loss falls (0 = off)
     fast_forward_rows: int = 4  # held-out rows (of data.seq_len tokens) that judge the repeats; not used by the reported eval
+    precision: Literal["auto", "fp32", "bf16-mixed", "pure-bf16"] = "auto"  # auto: bf16-mixed (bf16 autocast, fp32 master weights) on a GPU, fp32 on the CPU; pure-bf16: bf16 weights and AdamW states with Kahan-compensated updates (the `bf16` extra)
+    compile: bool | str = False  # torch.compile each decoder layer: true, false, or auto (on a GPU for an unquantised model unless budget.time is under 10 minutes)
     max_bad_steps: int = 5  # non-finite steps in a row before going back to the last checkpoint (LR halved), then stopping
 
 
@@ -429,6 +432,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"{fused} cannot follow method {cfg.method.name!r}, which changes what trains; use adamw")
     if cfg.optim.name not in OPTIMIZERS:
         raise ConfigError(f"config key 'optim.name': unknown optimizer {cfg.optim.name!r} (known: {', '.join(OPTIMIZERS)})")
+    _validate_fast_path(cfg)
     if cfg.checkpoint.background not in (True, False, "auto"):
         raise ConfigError(f"config key 'checkpoint.background': true, false or auto, got {cfg.checkpoint.background!r}")
     for key in ("eval.every", "checkpoint.every"):
@@ -457,6 +461,25 @@ def _validate(cfg: Config) -> None:
 
     check_config(cfg, METHODS)  # model.quantize / method.init: loftq with a method that can run on a quantised base
     _validate_paths(cfg)
+
+
+def _validate_fast_path(cfg: Config) -> None:
+    """Attention, Liger, compile and precision settings (fastpath.py, attention.py)."""
+    from .attention import KNOWN
+
+    if cfg.model.attn_implementation not in KNOWN:
+        raise ConfigError(f"config key 'model.attn_implementation': unknown implementation {cfg.model.attn_implementation!r} "
+                          f"(known: {', '.join(KNOWN)})")
+    for key, value in (("model.liger", cfg.model.liger), ("train.compile", cfg.train.compile)):
+        if value not in (True, False, "auto"):
+            raise ConfigError(f"config key '{key}': true, false or auto, got {value!r}")
+    if cfg.train.precision == "pure-bf16":
+        if cfg.model.dtype not in ("auto", "bfloat16"):
+            raise ConfigError(f"config key 'model.dtype': {cfg.model.dtype} contradicts train.precision pure-bf16 "
+                              "(bf16 weights); leave model.dtype at auto")
+        if cfg.optim.name != "adamw":
+            raise ConfigError(f"config key 'train.precision': pure-bf16 needs optim.name adamw (its Kahan-compensated "
+                              f"bf16 variant); {cfg.optim.name!r} would round small updates away in bf16 weights")
 
 
 def _validate_data(cfg: Config) -> None:

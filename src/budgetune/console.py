@@ -105,6 +105,10 @@ def print_plan(plan, limit: int = 12, out: Console | None = None) -> None:
     out = out or console
     say = lambda text: out.print(text, soft_wrap=True)  # noqa: E731
     say(f"[bold]plan for {plan.device}[/] — memory budget {describe_bytes(plan.memory_budget)}")
+    if plan.candidates:  # the same for every candidate: chosen by the device (attention.py, fastpath.py)
+        r = plan.candidates[0].recipe
+        say(f"fast path: attention {r.attention}, precision {r.precision}, "
+            f"{'Liger fused linear + cross-entropy' if r.fused_loss else 'chunked loss'}")
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), show_edge=False)
     for col in ("#", "method", "batch", "ckpt", "memory", "tok/s", "in budget", "epochs", "trainable"):
         table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True, overflow="fold")

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .data import IGNORE, Rows
+from .fastpath import fused_loss
 
 
 # Chunked linear + cross-entropy (ours: a few lines of torch, no kernel library needed). With a
@@ -35,22 +36,37 @@ def _chunk_loss(hidden, targets, weight, bias):
     return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, ignore_index=IGNORE, reduction="sum")
 
 
+def _final_hidden(model, head, batch: dict) -> torch.Tensor:
+    head.forward = lambda x: x  # the model returns its final hidden states as "logits"
+    try:
+        return model(**batch, use_cache=False).logits
+    finally:
+        del head.forward
+
+
 def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token cross-entropy over labelled targets, number of targets)."""
     labels = batch.pop("labels")
     targets = labels[:, 1:]
     inner = getattr(model, "module", model)  # DDP / FSDP wrappers keep the model in .module
     head = inner.get_output_embeddings()
-    chunk = loss_chunk(inner.config) if isinstance(head, torch.nn.Linear) and type(head) is torch.nn.Linear else 0
+    plain_head = isinstance(head, torch.nn.Linear) and type(head) is torch.nn.Linear
+    fused = fused_loss(head) if plain_head else None  # Liger's fused linear + cross-entropy (fastpath.py), on CUDA
+    chunk = loss_chunk(inner.config) if plain_head else 0
+    if fused is not None:
+        hidden = _final_hidden(model, head, batch)
+        # the kernel wants one dtype: under autocast (step.py) the autocast dtype, with autocast off inside it
+        kind = hidden.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
+        weight, bias = (p if p is None or p.dtype == dtype else p.to(dtype) for p in (head.weight, head.bias))
+        with torch.autocast(kind, enabled=False):
+            loss = fused(weight, hidden[:, :-1].flatten(0, 1).to(dtype), targets.flatten(), bias)
+        return loss, (targets != IGNORE).sum()
     if not chunk:
         logits = model(**batch, use_cache=False).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
         return loss, (targets != IGNORE).sum()
-    head.forward = lambda x: x  # the model returns its final hidden states as "logits"
-    try:
-        hidden = model(**batch, use_cache=False).logits
-    finally:
-        del head.forward
+    hidden = _final_hidden(model, head, batch)
     hidden, flat = hidden[:, :-1].flatten(0, 1), targets.flatten()
     loss = torch.zeros((), device=hidden.device)
     for start in range(0, flat.numel(), chunk):

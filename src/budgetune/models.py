@@ -261,7 +261,10 @@ def _check_context(config, cfg):
 
 
 def weights_dtype(cfg, device: torch.device, frozen_base: bool) -> torch.dtype:
-    """fp32 master weights unless asked otherwise; a frozen base is stored in bf16 on a GPU."""
+    """fp32 master weights unless asked otherwise; a frozen base is stored in bf16 on a GPU;
+    everything in bf16 with train.precision pure-bf16."""
+    if cfg.train.precision == "pure-bf16":
+        return torch.bfloat16
     name = cfg.model.dtype
     if name == "auto":
         if device.type == "cuda" and frozen_base and torch.cuda.is_bf16_supported():
@@ -271,12 +274,16 @@ def weights_dtype(cfg, device: torch.device, frozen_base: bool) -> torch.dtype:
 
 
 def load_model(cfg, tokenizer, device: torch.device, frozen_base: bool = False):
-    """The model: pretrained weights (safetensors only) or a seeded random init from a config."""
+    """The model: pretrained weights (safetensors only) or a seeded random init from a config, with
+    the attention implementation and the Liger kernels the device gets (attention.py, fastpath.py)."""
     from transformers import AutoModelForCausalLM
 
     from . import quantize
+    from .attention import resolve
+    from .fastpath import apply_liger
 
     mcfg = cfg.model
+    attention = resolve(mcfg.attn_implementation, device.type)
     config = model_config(cfg, tokenizer)
     dtype = weights_dtype(cfg, device, frozen_base)
     if mcfg.init == "pretrained":
@@ -287,7 +294,7 @@ def load_model(cfg, tokenizer, device: torch.device, frozen_base: bool = False):
                 dtype=dtype,
                 trust_remote_code=mcfg.trust_remote_code,
                 use_safetensors=True,  # never unpickle weights
-                attn_implementation=mcfg.attn_implementation,
+                attn_implementation=attention,
                 **quantize.load_kwargs(cfg, device),  # model.quantize: quantised while loading
             )
         except (OSError, ValueError) as e:
@@ -296,13 +303,14 @@ def load_model(cfg, tokenizer, device: torch.device, frozen_base: bool = False):
             model = quantize.finish(model, source=model_source(mcfg.name, "model.name"))
     else:
         torch.manual_seed(cfg.train.seed)
-        config._attn_implementation = mcfg.attn_implementation
+        config._attn_implementation = attention
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=mcfg.trust_remote_code)
         if mcfg.quantize:
             model = quantize.quantize_model(model, **quantize.load_kwargs(cfg, device), dtype=dtype,
                                             keep_full_precision=getattr(cfg.method, "init", None) == "loftq")
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
+    apply_liger(model, cfg, device.type)  # nothing unless on CUDA with liger-kernel installed
     return model
 
 

@@ -39,7 +39,10 @@ def forward_backward(run, rows: list[list[int]]) -> tuple[float, float, torch.Te
     for i, batch in enumerate(batches):
         sync = contextlib.nullcontext() if i == len(batches) - 1 else run.accelerator.no_sync(run.model)
         with sync:
-            loss = run.objective.loss(run.model, {k: v.to(run.device) for k, v in batch.items()})
+            # autocast around the loss too: accelerate autocasts only the model's forward, and the chunked /
+            # fused head + loss runs after it (bf16-mixed on a GPU; a no-op otherwise)
+            with run.accelerator.autocast():
+                loss = run.objective.loss(run.model, {k: v.to(run.device) for k, v in batch.items()})
             loss_sum += loss.detach()
             if run.fused and not torch.isfinite(loss):
                 continue  # the update would happen inside backward, before any check

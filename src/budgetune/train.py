@@ -35,6 +35,8 @@ from .data.select import tokens_in_budget
 from .errors import BudgetuneError, Interrupted, RunStopped, TrainingError
 from .evaluate import heldout_loss, heldout_metrics
 from .fast_forward import FastForward
+from .fastpath import compile_layers, resolve_precision, use_compile
+from .fastpath import describe as describe_fast_path
 from .guard import BadSteps, StopSignals
 from .methods import get_method
 from .objectives import Objective, get_objective
@@ -116,7 +118,7 @@ def _accelerator(cfg: Config, run_dir: RunDir):
     from accelerate import Accelerator
 
     cuda = torch.cuda.is_available()
-    precision = "bf16" if cuda and torch.cuda.is_bf16_supported() and cfg.model.dtype in ("auto", "bfloat16") else "no"
+    precision = "bf16" if resolve_precision(cfg, "cuda" if cuda else "cpu") == "bf16-mixed" else "no"  # pure-bf16: bf16 weights, no autocast
     trackers = check_trackers(cfg.tracking)
     return Accelerator(mixed_precision=precision, cpu=not cuda, log_with=trackers or None,
                        project_dir=str(run_dir.path / "tracking") if trackers else None)
@@ -325,6 +327,9 @@ def setup(cfg: Config, run_dir: RunDir, accelerator, resume: bool, extend: bool,
     method.select(model, cfg.method, peek_step(latest) if latest else 0)  # what trains at the (re)start
     if cfg.model.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if use_compile(cfg, device.type):
+        compile_layers(model)
+    log(f"fast path: {describe_fast_path(cfg, device.type, model.config._attn_implementation)}")
     trainable, total = count_parameters(model)
     n_matmul, n_matmul_trainable = matmul_parameters(model)
     fpt = flops_per_token(model.config, cfg.data.seq_len, n_matmul, n_matmul_trainable)

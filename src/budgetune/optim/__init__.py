@@ -30,8 +30,25 @@ def param_groups(named_params, weight_decay: float, lr_scales: dict[str, float] 
 
 @register("adamw")
 def adamw(groups, cfg):
+    if any(p.dtype == torch.bfloat16 for g in groups for p in g["params"]):
+        return kahan_adamw(groups, cfg)
     fused = all(p.is_cuda for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
+
+
+def kahan_adamw(groups, cfg):
+    """AdamW for bf16 weights (train.precision pure-bf16): moments in bf16 and each update added
+    with Kahan compensation, so updates smaller than bf16's resolution accumulate instead of
+    rounding away. torch-optimi's AdamW does exactly this (kahan_sum); its weight decay is
+    torch's (lr × wd, decouple_lr off)."""
+    try:
+        import optimi
+    except ImportError:
+        from ..errors import ConfigError
+
+        raise ConfigError("train.precision pure-bf16 (bf16 weights) needs torch-optimi for its Kahan-compensated AdamW: "
+                          "pip install 'budgetune[bf16]'") from None
+    return optimi.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=0.0, kahan_sum=True)
 
 
 @register("sgd")

@@ -80,6 +80,16 @@ grad); with a mask, transformers repeats K/V to all heads before SDPA.
   2I (dense_h_to_4h output and its GELU).
 * LoRA adds r per adapted linear (lora_A's output, saved by lora_B).
 
+The fast path (issue 19; attention.py, fastpath.py) changes four terms:
+* `train.precision` pure-bf16: weights and gradients 2 bytes per parameter, AdamW states
+  3 × 2 bytes (two bf16 moments + torch-optimi's bf16 Kahan compensation), activations bf16,
+  no autocast weight copies.
+* flash-attn varlen / FlexAttention (`recipe.attention`): no [B,1,T,T] mask in any form, and
+  K/V saved at the key-value heads (no repeat_kv).
+* Liger's fused linear + cross-entropy (`recipe.fused_loss`): no full logits
+  (`liger_loss_bytes`).
+* torch.compile is not modelled (inductor may save fewer activations: the GPU suite measures it).
+
 Accuracy on CPU is measured by `benchmarks/planner_accuracy.py` (docs/benchmarks.md).
 The CUDA numbers (bf16 activations, the autocast weight-cast cache) follow the same model
 but are not calibrated on a GPU.
@@ -91,6 +101,7 @@ import fnmatch
 import json
 from dataclasses import dataclass, field
 
+from ..attention import MASK_FREE
 from .recipe import Recipe, prepare_method
 
 MiB = 2**20
@@ -374,6 +385,16 @@ def post_activation_elements(arch: _Arch) -> int:
     return (2 if arch.family == "gpt_neox" else 3) * arch.hidden
 
 
+def liger_loss_bytes(arch: _Arch, tokens: int, act: int) -> int:
+    """Liger's fused linear + cross-entropy: no full logits. It walks the tokens in chunks sized so
+    that a chunk's logits are about as large as the hidden states (chunk = next power of two of
+    tokens / ⌈V / H⌉), and computes the input and weight gradients during forward: a [tokens, H]
+    gradient, a [V, H] weight gradient, and one chunk's logits with their gradient (fp32)."""
+    per = max(1, -(-arch.vocab // arch.hidden))
+    chunk = 1 << max(0, (-(-tokens // per) - 1).bit_length())
+    return tokens * arch.hidden * act + arch.vocab * arch.hidden * act + 2 * min(tokens, chunk) * arch.vocab * 4
+
+
 # --- the estimate --------------------------------------------------------------------------------
 
 
@@ -397,8 +418,9 @@ def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_b
     # activations are not modelled, as for DoRA's weight norm)
     formula = recipe.method in ("full", "lisa", "freeze", "badam") or recipe.method in LORA_FAMILY
     trainable = trainable_parameters(arch, recipe) if formula else counted_trainable_parameters(config, recipe)
-    base_bytes = 2 if (cuda and adapter) else 4
-    weights = arch.parameters * base_bytes + (trainable * 4 if adapter else 0)
+    pure = recipe.precision == "pure-bf16"  # every weight, gradient and state in bf16
+    base_bytes = 2 if (cuda and adapter) or pure else 4
+    weights = arch.parameters * base_bytes + (trainable * (2 if pure else 4) if adapter else 0)
     dequant_ws = 0
     if recipe.quantize and adapter:  # QLoRA: the decoder linears quantised, the rest at base_bytes
         q_bytes, q_params = quantized_weight_bytes(arch, recipe.quantize, recipe.extra.get("double_quant", True))
@@ -409,9 +431,11 @@ def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_b
         weights += 2 * arch.parameters  # autocast caches a bf16 copy of each weight for the step
     if zero >= 3:
         weights //= world
-    grad_per_param = 4
+    grad_per_param = 2 if pure else 4
     if recipe.optimizer in PROJECTED:
         states = 4 * galore_state_elements(arch, recipe, trainable)
+    elif pure and recipe.optimizer == "adamw":  # torch-optimi: two bf16 moments + the bf16 Kahan compensation
+        states = 3 * 2 * trainable
     else:
         states = int(STATE_COPIES[recipe.optimizer] * 4 * trainable)
     if zero >= 1:
@@ -440,8 +464,10 @@ def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_b
         g_total = grads(arch.largest_parameter)
 
     # activations
-    act = 2 if (cuda and recipe.precision == "bf16-mixed") else 4
-    masked = True  # packed rows get a block-diagonal mask, padded rows a padding mask (module doc)
+    act = 2 if (cuda and recipe.precision == "bf16-mixed") or pure else 4
+    # packed rows get a block-diagonal mask, padded rows a padding mask (module doc) — except with
+    # flash-attn varlen or FlexAttention, which take the boundaries without a dense mask (and K/V unrepeated)
+    masked = recipe.attention not in MASK_FREE
     n_lora = len(lora_linears(arch, recipe.lora_targets)) if recipe.method in LORA_FAMILY else 0
     per_layer = tokens * layer_activation_elements(arch, masked, recipe.lora_r if n_lora else 0, n_lora) * act
     rotary = 2 * (tokens if recipe.packed else t) * arch.head_dim * 4  # cos/sin, shared by all layers
@@ -454,6 +480,8 @@ def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_b
 
     chunk = loss_chunk(config)
     logits = 3 * (min(tokens, chunk) if chunk else tokens) * arch.vocab * 4
+    if recipe.fused_loss:
+        logits = liger_loss_bytes(arch, tokens, act)
     layer_ws = tokens * max(arch.intermediate, 3 * arch.hidden) * act
     if recipe.gradient_checkpointing:
         saved_per_layer, mask_per_layer = tokens * arch.hidden * act, 0

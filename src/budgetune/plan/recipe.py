@@ -17,7 +17,10 @@ class Recipe:
     gradient_checkpointing: bool = False
     # fp32: fp32 weights, no autocast (CPU). bf16-mixed: fp32 weights + bf16 autocast (GPU full FT).
     # Adapter methods on a GPU keep the frozen base in bf16 (see models.weights_dtype).
-    precision: Literal["fp32", "bf16-mixed"] = "fp32"
+    # pure-bf16: bf16 weights, gradients and AdamW states (+ a bf16 Kahan compensation buffer), no autocast.
+    precision: Literal["fp32", "bf16-mixed", "pure-bf16"] = "fp32"
+    attention: str = "sdpa"  # the resolved model.attn_implementation (attention.py): flash/flex build no [T, T] mask
+    fused_loss: bool = False  # Liger's fused linear + cross-entropy (fastpath.py) instead of the chunked head + loss
     optimizer: str = "adamw"  # a name in budgetune.optim.OPTIMIZERS
     quantize: str | None = None  # QLoRA: the frozen base quantised (nf4, fp4, int8); adapter methods only
     packed: bool = True

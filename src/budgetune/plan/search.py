@@ -200,11 +200,19 @@ def rows_per_process(cfg, world: int, planned_rows: int | None = None) -> int:
     return cfg.train.micro_batch * cfg.train.grad_accum
 
 
+def systems(cfg, device: torch.device) -> dict:
+    """The recipe's systems fields for this device: precision, attention implementation, Liger's fused loss."""
+    from ..attention import resolve
+    from ..fastpath import resolve_precision, use_liger
+
+    return {"precision": resolve_precision(cfg, device.type), "attention": resolve(cfg.model.attn_implementation, device.type),
+            "fused_loss": use_liger(cfg, device.type)}
+
+
 def candidate_recipes(cfg, device: torch.device, planned_rows: int | None = None) -> list[Recipe]:
     """Every recipe the config leaves open. `planned_rows`: rows per step (all processes) that the
     planner chose for the budget (plan/batch.py); pinned keys win over it."""
     pinned = cfg.explicit
-    device_precision = "bf16-mixed" if device.type == "cuda" else "fp32"
     methods = [cfg.method.name] if "method.name" in pinned or cfg.method.name not in ("full", "lora") else ["full", "lora"]
     world, zero = distributed_setup(cfg)
     rows_per_step = rows_per_process(cfg, world, planned_rows)
@@ -237,7 +245,7 @@ def candidate_recipes(cfg, device: torch.device, planned_rows: int | None = None
     return [
         Recipe(method=m, lora_r=r, micro_batch=mb, grad_accum=ga, seq_len=cfg.data.seq_len, gradient_checkpointing=ck,
                world_size=world, zero_stage=zero,
-               precision=device_precision, optimizer=cfg.optim.name, packed=cfg.data.pack, quantize=q,
+               optimizer=cfg.optim.name, packed=cfg.data.pack, quantize=q, **systems(cfg, device),
                extra={"method_options": options(m), "double_quant": cfg.model.double_quant, **optimizer_extra(cfg)})
         for m in methods for q in quantizations(m) for mb, ga in shapes for ck in ckpts
     ]
@@ -341,6 +349,8 @@ def _calibrate(config, candidates: list[Candidate], steps: int, device: torch.de
     for c in candidates:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config).to(device)
+        if c.recipe.precision == "pure-bf16":
+            model = model.to(torch.bfloat16)
         if c.recipe.quantize:  # the probe runs on the quantised base it times
             from ..quantize import bnb_config, quantize_model
 
@@ -401,7 +411,7 @@ def recipe_from_config(cfg, device: torch.device) -> Recipe:
         extra={"method_options": dataclasses.asdict(cfg.method), "double_quant": cfg.model.double_quant, **optimizer_extra(cfg)},
         micro_batch=cfg.train.micro_batch,
         grad_accum=cfg.train.grad_accum, seq_len=cfg.data.seq_len, gradient_checkpointing=cfg.model.gradient_checkpointing,
-        precision="bf16-mixed" if device.type == "cuda" else "fp32", optimizer=cfg.optim.name, packed=cfg.data.pack,
+        optimizer=cfg.optim.name, packed=cfg.data.pack, **systems(cfg, device),
         quantize=cfg.model.quantize,
     )
 
