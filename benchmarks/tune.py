@@ -2,7 +2,7 @@
 
     python benchmarks/tune.py [--tasks chat,pretrain,smollm2] [--seconds 300,600] [--seeds 0,1]
                               [--contestants defaults,tune,trl_padding_free,...] [--work DIR]
-    python benchmarks/tune.py --modes --tasks chat --seconds 120 --seeds 0     # tune.mode: cooldown vs branch
+    python benchmarks/tune.py --modes --tasks chat --tokens 400k --seeds 0     # tune.mode: cooldown vs branch, equal tokens
 
 Tasks (every contestant gets the same model, seeded initial weights, tokenizer, tokenised data, held-out rows and
 wall-clock; held-out loss is `budgetune.evaluate.heldout_loss` on the same packed rows for everyone):
@@ -82,11 +82,12 @@ def _own_process(spec: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def contest(work: Path, task: str, seconds: float, seed: int, kind: str, lr: float, extra: dict | None = None) -> dict:
+def contest(work: Path, task: str, seconds: float, seed: int, kind: str, lr: float, extra: dict | None = None,
+            tokens: str | None = None) -> dict:
     cfg = task_config(work, task, lr)
     cfg["train"] = {"seed": seed}
-    out = work / "runs" / f"{task}-{seconds:.0f}-{seed}-{kind}"
-    budget = {"time": f"{seconds}s"}
+    out = work / "runs" / (f"{task}-{tokens or int(seconds)}-{seed}-{kind}" + ("-" + "-".join(map(str, extra.values())) if extra else ""))
+    budget = {"tokens": tokens} if tokens else {"time": f"{seconds}s"}
     if kind == "defaults":
         s = train_in_process({**cfg, "budget": budget, "output": {"dir": str(out), "overwrite": True}}, out)
         return {"eval_loss": s["eval_loss_after"], "steps": s["steps"], "elapsed_s": s["elapsed_s"], "tokens": s["tokens"],
@@ -114,6 +115,7 @@ def main() -> None:
     ap.add_argument("--contestants", help="default: defaults, tune and every peer race.py has for the task")
     ap.add_argument("--lr", type=float, default=3e-4, help="peak LR of the defaults and the peers (tune races its own)")
     ap.add_argument("--modes", action="store_true", help="instead: tune with tune.mode cooldown against branch")
+    ap.add_argument("--tokens", help="a token budget instead of --seconds (results independent of the machine's load)")
     ap.add_argument("--work", help="work folder (reuses its base model, data and caches)")
     args = ap.parse_args()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="budgetune-tune-"))
@@ -130,7 +132,7 @@ def main() -> None:
                 variants = [("tune", {"mode": m}) for m in ("cooldown", "branch")] if args.modes else [(k, None) for k in kinds]
                 for kind, extra in variants:
                     try:
-                        result = contest(work, task, seconds, seed, kind, args.lr, extra)
+                        result = contest(work, task, seconds, seed, kind, args.lr, extra, args.tokens)
                     except RuntimeError as e:
                         result = {"failed": str(e).strip().splitlines()[-1][:300], "eval_loss": float("inf")}
                     rows.append({"task": task, "seconds": seconds, "seed": seed, "contestant": kind, **(extra or {}), **result})

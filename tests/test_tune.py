@@ -107,12 +107,14 @@ def _plan(tmp_path, corpus, **sections) -> tuple[dict, list[str]]:
 
 
 def test_the_race_budget_decides_how_many_candidates_and_says_so(tmp_path, corpus):
-    state, lines = _plan(tmp_path, corpus, tune={"min_steps": 10})
-    # 15% of 60k tokens = 9k; 256-token steps, 10 of them per first-rung slice: 3 candidates fit, not 30
-    assert state["space_size"] == 30 and state["affordable"] == 3
+    state, lines = _plan(tmp_path, corpus, tune={"min_steps": 8})
+    # 15% of 60k tokens = 9k; the planner's 320-token steps, 8 of them per first-rung slice: 3 candidates fit,
+    # of 5 LRs × (full + lora × 3 ranks) = 20
+    assert state["step_tokens"] == 320
+    assert state["space_size"] == 20 and state["affordable"] == 3
     assert len(state["trials"]) <= 3
     text = "\n".join(lines)
-    assert "affords 3 candidates" in text and "the space has 30" in text
+    assert "affords 3 candidates" in text and "the space has 20" in text
     assert "the space is too large for this budget" in text and "LR grid thinned" in text
     assert {t["method"] for t in state["trials"]} == {"full"}  # a tiny budget races LR only
 
@@ -121,7 +123,7 @@ def test_pinned_keys_stay_pinned(tmp_path, corpus):
     state, _ = _plan(tmp_path, corpus, optim={"lr": 2e-3}, method={"name": "lora", "r": 4},
                      tune={"min_steps": 2, "space": {"methods": ["full", "lora"], "ranks": [4, 8, 16]}})
     assert state["trials"] == [] and state["space_size"] == 1  # nothing left to race
-    state, lines = _plan(tmp_path / "b", corpus, method={"name": "lora"}, tune={"min_steps": 2, "space": {"ranks": [4, 8]}})
+    state, lines = _plan(tmp_path / "b", corpus, method={"name": "lora"}, tune={"min_steps": 1, "space": {"ranks": [4, 8]}})
     assert {t["method"] for t in state["trials"]} == {"lora"}
     assert {t["rank"] for t in state["trials"]} == {4, 8}
     state, _ = _plan(tmp_path / "c", corpus, optim={"lr": 2e-3}, tune={"min_steps": 2, "space": {"ranks": [8]}})

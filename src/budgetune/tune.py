@@ -136,7 +136,7 @@ def _thin(values: list, k: int) -> list:
     return [values[i] for i in sorted({round(lo + j * (hi - lo) / (k - 1)) for j in range(k)})]
 
 
-def shrink_space(dims: dict[str, list], n_max: int) -> tuple[dict[str, list], list[str]]:
+def shrink_space(dims: dict[str, list], n_max: int, count: Callable[[dict], int] | None = None) -> tuple[dict[str, list], list[str]]:
     """Drop what matters least until the space has at most n_max candidates: adapter ranks first, then other methods
     and optimizers (the planner's choice stays), then LR points — LR matters most (METHODS.md §9), so a tiny budget
     races LR only. `dims`: {"ranks", "combos", "lr"}, each list with its default first. Returns (dims, what was cut)."""
@@ -144,7 +144,7 @@ def shrink_space(dims: dict[str, list], n_max: int) -> tuple[dict[str, list], li
     cut: list[str] = []
 
     def size() -> int:
-        return len(dims["ranks"]) * len(dims["combos"]) * len(dims["lr"])
+        return count(dims) if count else len(dims["ranks"]) * len(dims["combos"]) * len(dims["lr"])
 
     if size() > n_max and len(dims["ranks"]) > 1:
         dims["ranks"] = dims["ranks"][:1]
@@ -152,9 +152,10 @@ def shrink_space(dims: dict[str, list], n_max: int) -> tuple[dict[str, list], li
     if size() > n_max and len(dims["combos"]) > 1:
         dims["combos"] = dims["combos"][:1]
         cut.append("method and optimizer left at the planner's choice")
-    n_lr = len(dims["lr"])
+    grid = dims["lr"]
+    n_lr = len(grid)
     while size() > n_max and len(dims["lr"]) > 2:
-        dims["lr"] = _thin(dims["lr"], 3 if len(dims["lr"]) > 3 else 2)
+        dims["lr"] = _thin(grid, 3 if len(dims["lr"]) > 3 else 2)  # always from the whole grid: 5 → 3 → 2 points
     if len(dims["lr"]) < n_lr:
         cut.append(f"LR grid thinned from {n_lr} to {len(dims['lr'])} points")
     return dims, cut
@@ -200,6 +201,9 @@ def tune(config=None, overrides=None, *, resume: bool = False, overwrite: bool =
         if run_dir.path.exists():
             run_dir.check_unlocked()
     state = json.loads(state_path.read_text()) if resume else None
+    if state is not None and state["phase"] == "done":
+        raise BudgetuneError(f"{run_dir.path} holds a finished race and its winner; to train the winner further, raise the "
+                             "budget and use `budgetune train ... --resume --extend`, or start again with --overwrite")
     clock = _Clock(state["elapsed_s"] if state else 0.0)
     log = (lambda m: say(m)) if not quiet else (lambda m: None)
     previous = run_dir.prepare(resume, overwrite)
@@ -290,7 +294,7 @@ class Race:
 
         lr0 = planned.optim.lr
         lr_factors = [1.0] if "optim.lr" in pinned else sorted(space.lr, key=lambda f: (abs(math.log(f)), f))
-        any_adapter = any(METHODS[c.method].adapter and "r" in _option_names(c.method) for c in combos)
+        any_adapter = any(_has_rank(c.method) for c in combos)
         default_r = cfg.method.r if hasattr(cfg.method, "r") else 16
         ranks = [default_r] if ("method.r" in pinned or not any_adapter) else \
             sorted(set(space.ranks), key=lambda r: (r != default_r, r))
@@ -308,13 +312,16 @@ class Race:
             cost, calls = race_cost(n, cfg.tune.eta, share)
             return n >= 2 and (available - overhead * calls) / cost >= min_slice
 
-        full_n = len(ranks) * len(combos) * len(lr_factors)
+        def count(d: dict) -> int:  # ranks multiply only the adapter methods that have one
+            return sum(len(d["ranks"]) if _has_rank(c.method) else 1 for c in d["combos"]) * len(d["lr"])
+
+        full_n = count(dims)
         n_max = max([n for n in range(2, max(3, full_n) + 1) if affords(n)], default=1)
-        dims, steps = shrink_space(dims, n_max)
-        n = len(dims["ranks"]) * len(dims["combos"]) * len(dims["lr"])
+        dims, steps = shrink_space(dims, n_max, count)
+        n = count(dims)
         if n > n_max:  # even two LR points are too many
             dims["lr"] = dims["lr"][:1] if n_max < 2 else dims["lr"]
-            n = len(dims["ranks"]) * len(dims["combos"]) * len(dims["lr"])
+            n = count(dims)
         race_text = (f"{format_duration(race_total)} of {format_duration(budget['total'])}" if unit == "seconds"
                      else f"{format_count(race_total)} of {format_count(budget['total'])} tokens")
         slice_text = (f"≥ {cfg.tune.min_steps} steps (~{format_duration(min_slice)}) each at the first rung, "
@@ -332,7 +339,7 @@ class Race:
         if n >= 2:
             for combo in dims["combos"]:
                 adapter = METHODS[combo.method].adapter
-                for r in (dims["ranks"] if adapter and "r" in _option_names(combo.method) else [None]):
+                for r in (dims["ranks"] if _has_rank(combo.method) else [None]):
                     for f in sorted(dims["lr"]):
                         lr = lr0 if "optim.lr" in pinned else lr0 * f * (ADAPTER_LR_SCALE if adapter else 1.0)
                         trials.append(self._trial(len(trials), combo, r, lr, base_speed * combo.speed_guess / base_guess))
@@ -469,7 +476,11 @@ class Race:
             wall += bwall
             shutil.rmtree(copy_dir, ignore_errors=True)
         if summary.get("train_tokens_per_s_median") and st["unit"] == "seconds":
-            t["speed"] = summary["train_tokens_per_s_median"]
+            # measured speed: this trial's, and that of the trials of the same recipe not yet run (LR does not change it)
+            for other in st["trials"]:
+                if other is t or (not other["rungs"] and (other["method"], other["optimizer"], other["rank"]) ==
+                                  (t["method"], t["optimizer"], t["rank"])):
+                    other["speed"] = summary["train_tokens_per_s_median"]
         loss = reading["eval_loss_after"]
         t["rungs"].append({"rung": rung, "tokens": t["tokens"], "steps": summary["steps"], "wall_s": round(t["wall_s"], 2),
                            "loss": loss, "train_steps_s": summary["train_steps_s"]})
@@ -585,7 +596,10 @@ class Race:
                      f"({format_count(lineage['tokens'])} tokens, same data order and optimizer state) on "
                      + (f"{format_duration(max(0.0, budget['time'] - lineage['elapsed_s']))} left of the budget"
                         if st["unit"] == "seconds" else "what is left of the budget"))
-        summary = train(st["winner_config"], resume=True, extend=True, quiet=self.quiet)
+        if self.dir.summary.exists():  # the winner finished before a kill: only the race's part of the summary is missing
+            summary = json.loads(self.dir.summary.read_text())
+        else:
+            summary = train(st["winner_config"], resume=True, extend=True, quiet=self.quiet)
         return self._finish(summary)
 
     def train_without_race(self) -> dict:
@@ -654,12 +668,13 @@ def _merge(d: dict, extra: dict) -> None:
             d[key] = value
 
 
-def _option_names(method: str) -> set[str]:
+def _has_rank(method: str) -> bool:
+    """An adapter method with a rank option `r` (lora and its kin): the race may vary it."""
     import dataclasses
 
     from .methods import METHODS
 
-    return {f.name for f in dataclasses.fields(METHODS[method].Options)}
+    return METHODS[method].adapter and "r" in {f.name for f in dataclasses.fields(METHODS[method].Options)}
 
 
 def _recipe_text(t: dict) -> str:
@@ -667,10 +682,7 @@ def _recipe_text(t: dict) -> str:
 
 
 def _describe(ranks: list, combos: list[Combo], lr: list) -> str:
-    parts = [f"{len(lr)} LRs"]
-    if len(combos) > 1 or combos:
-        parts.append(f"{len(combos)} method/optimizer{'s' if len(combos) > 1 else ''} "
-                     f"({', '.join(c.method + ('' if c.optimizer == 'adamw' else '+' + c.optimizer) for c in combos)})")
-    if len(ranks) > 1:
-        parts.append(f"{len(ranks)} adapter ranks")
-    return " × ".join(parts)
+    """'5 LRs × (full + lora × 3 ranks)'."""
+    names = [c.method + ("" if c.optimizer == "adamw" else f"+{c.optimizer}")
+             + (f" × {len(ranks)} ranks" if _has_rank(c.method) and len(ranks) > 1 else "") for c in combos]
+    return f"{len(lr)} LR{'s' if len(lr) > 1 else ''} × ({' + '.join(names)})"
