@@ -55,8 +55,9 @@ from .units import format_count, format_duration, parse_count, parse_duration
 STATE = "tune.json"  # the race's state in the run folder: the candidates, every reading, the winner
 ADAPTER_LR_SCALE = 4.0  # an adapter method's default LR relative to full fine-tuning's (5e-4 vs 2e-3 in benchmarks/methods.py)
 BRANCH_SHARE = 0.2  # branch mode: the cooldown branch that reads a trial's loss is this share of the trial's tokens
-OVERHEAD_GUESS_S = 1.5  # wall-clock of one trial call beyond its optimizer steps (setup, two evals, checkpoint,
-# save), until the first trial measures it: ~1.4 s measured for the tiny test Llama on a 2-core CPU
+OVERHEAD_FIXED_S = 1.0  # wall-clock of one trial call beyond its optimizer steps and evals (plan, model load, data from
+# the cache, checkpoint, save), until the first trial measures the whole overhead: ~1 s for the tiny test Llama on a
+# 2-core CPU, whose call took ~1.4 s beyond its steps with two small evals
 
 
 # --- the halving bookkeeping (pure) ----------------------------------------------------------------------------
@@ -303,7 +304,9 @@ class Race:
         # how many candidates the race budget affords
         budget = self._budget_units(step_tokens, base_speed, prediction)
         unit, race_total = budget["unit"], budget["race"]
-        overhead = OVERHEAD_GUESS_S if unit == "seconds" else 0.0
+        # a trial call's set-up and its two evals (before and after; a forward pass costs ~1/3 of a training step)
+        eval_tokens = min(cfg.eval.max_tokens, cfg.tune.eval_tokens)
+        overhead = OVERHEAD_FIXED_S + 2 * eval_tokens / (3 * base_speed) if unit == "seconds" else 0.0
         min_slice = self.cfg.tune.min_steps * (step_tokens / base_speed if unit == "seconds" else step_tokens)
         share = BRANCH_SHARE if cfg.tune.mode == "branch" else 0.0
         available = race_total - self.clock.elapsed() if unit == "seconds" else race_total
@@ -484,9 +487,10 @@ class Race:
         loss = reading["eval_loss_after"]
         t["rungs"].append({"rung": rung, "tokens": t["tokens"], "steps": summary["steps"], "wall_s": round(t["wall_s"], 2),
                            "loss": loss, "train_steps_s": summary["train_steps_s"]})
-        st["calls"].append({"wall_s": round(wall, 3), "train_steps_s": summary["train_steps_s"] + (reading["train_steps_s"] if branch else 0.0),
-                            "load_s": round(load, 3)})
-        if st["unit"] == "seconds":  # what a call costs beyond its steps, measured
+        if wall > 0:  # (0: a call that had finished before a kill, read back)
+            st["calls"].append({"wall_s": round(wall, 3), "load_s": round(load, 3),
+                                "train_steps_s": summary["train_steps_s"] + (reading["train_steps_s"] if branch else 0.0)})
+        if st["unit"] == "seconds" and st["calls"]:  # what a call costs beyond its steps, measured
             st["overhead_s"] = statistics.median(c["wall_s"] - c["train_steps_s"] for c in st["calls"]) / (2 if branch else 1)
         st["elapsed_s"] = self.clock.elapsed()
         self._save()
