@@ -123,12 +123,13 @@ def main() -> None:
     for task in args.tasks.split(","):
         peers = PEERS["pretrain" if task == "pretrain" else "finetune-full"]
         kinds = args.contestants.split(",") if args.contestants else ["defaults", "tune", *peers]
-        for seconds in [float(s) for s in args.seconds.split(",")]:
+        for seconds in ([0.0] if args.tokens else [float(s) for s in args.seconds.split(",")]):
             for seed in [int(s) for s in args.seeds.split(",")]:
                 cfg = task_config(work, task, args.lr)
                 cfg["train"] = {"seed": seed}
                 # tokenise (and train the tokenizer) before anyone's clock starts: every contestant reads the cache
-                in_process("warm", {"config": {**cfg, "budget": {"time": f"{seconds}s"}, "output": {"dir": str(work / "unused")}}})
+                budget = {"tokens": args.tokens} if args.tokens else {"time": f"{seconds}s"}
+                in_process("warm", {"config": {**cfg, "budget": budget, "output": {"dir": str(work / "unused")}}})
                 variants = [("tune", {"mode": m}) for m in ("cooldown", "branch")] if args.modes else [(k, None) for k in kinds]
                 for kind, extra in variants:
                     try:
@@ -154,7 +155,8 @@ def main() -> None:
                      for p in peers]
             notes = (f"winner {r['winner']} of {r['candidates']} (space {r['space']}); race {100 * r['race_share']:.0f}% of T"
                      + ("; reaches " + "; ".join(reach) if reach else ""))
-        print(f"| {r['task']} | {r['seconds']:.0f} s | {r['seed']} | {name} | {r['steps']} | {r['tokens']:,.0f} | "
+        budget = args.tokens + " tokens" if args.tokens else f"{r['seconds']:.0f} s"
+        print(f"| {r['task']} | {budget} | {r['seed']} | {name} | {r['steps']} | {r['tokens']:,.0f} | "
               f"{r['eval_loss']:.3f} | {notes} |")
 
 
