@@ -575,7 +575,8 @@ class Race:
             if st["unit"] == "seconds":
                 loads = [c["load_s"] for c in st["calls"] if c["load_s"] > 0] or [0.0]
                 left = st["budget"]["time_s"] - self.clock.elapsed() - statistics.median(loads)
-                budget["time"] = round(lineage["elapsed_s"] + max(0.0, left), 3)
+                # (a race that overran on a machine far slower than planned still lets the winner finish its last step)
+                budget["time"] = round(lineage["elapsed_s"] + max(2.0, left), 3)
             own = {"tokens": lineage["tokens"], "steps": lineage["steps"]}
             race_tokens = st["race_tokens"] - w["race_tokens"]  # what the other trials (and branches) consumed
             if budget.get("tokens") is not None:
