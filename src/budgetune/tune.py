@@ -589,9 +589,11 @@ class Race:
             st["other_trials_tokens"] = race_tokens
             (self.dir.checkpoints).mkdir(parents=True, exist_ok=True)
             target = self.dir.checkpoints / last.name
-            if not target.exists():
-                shutil.copytree(last, self.dir.checkpoints / f".tmp-{last.name}")
-                os.replace(self.dir.checkpoints / f".tmp-{last.name}", target)
+            if not target.exists():  # copied aside, then renamed: a kill leaves the whole checkpoint or none
+                tmp = self.dir.checkpoints / f".tmp-{last.name}"
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(last, tmp)
+                os.replace(tmp, target)
             shutil.copyfile(source / "metrics.jsonl", self.dir.metrics)
             if (source / "base").exists() and not self.dir.base.exists():  # an adapter's random-init base (scratch)
                 shutil.copytree(source / "base", self.dir.base)
