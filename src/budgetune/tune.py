@@ -620,7 +620,15 @@ class Race:
                 raise BudgetuneError(f"tune: planning took {self.clock.elapsed():.1f}s of budget.time {st['budget']['time_s']:.0f}s, "
                                      "leaving nothing to train; raise budget.time")
             cfg = load_config(cfg, {"budget": {"time": round(left, 3)}})
-        return train(cfg, quiet=self.quiet, overwrite=True)  # the folder holds only the race's state file
+        summary = train(cfg, quiet=self.quiet, overwrite=True)  # the folder held only the race's state file
+        st["phase"], st["elapsed_s"] = "done", self.clock.elapsed()
+        summary["tune"] = {"mode": st["mode"], "candidates": 0, "space_size": st["space_size"], "affordable": st["affordable"],
+                           "winner": None, "why": "no race: " + ("the config pins every key the race varies" if st["space_size"] < 2
+                                                                 else "the race budget cannot afford two candidates"),
+                           "race_share": 0.0, "command_elapsed_s": round(st["elapsed_s"], 3)}
+        self._save()  # the state file again (train replaced the folder), and the summary with what happened
+        self.dir.summary.write_text(json.dumps(summary, indent=2))
+        return summary
 
     def _finish(self, summary: dict) -> dict:
         """summary.json gains the race: its table, the winner and why, its share of the budget, all tokens trained."""
