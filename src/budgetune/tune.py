@@ -17,7 +17,10 @@ loop, with its checkpoints and resume rules. A trial that survives a rung contin
 - branch (WSD branching): a trial trains at constant LR (after warmup); its loss is read on a copy that cools the LR
   down linearly over a further BRANCH_SHARE of its tokens, and the trunk, not the cooled copy, continues.
 
-Which mode is the default was decided by a measurement (benchmarks/tune.py --modes, docs/benchmarks.md).
+The default is cooldown, by measurement (benchmarks/tune.py --modes, docs/benchmarks.md): on the 2-core CPU a trainer
+call costs ~1.5–2 s of set-up and evals beyond its steps, which branching pays twice per reading (trunk, then branch)
+plus the branch's tokens; at 300k tokens on the chat task branching could not afford two candidates where cooldown
+raced two.
 
 The winner continues from its trial state into the run folder itself (its checkpoint is copied to RUN/checkpoints
 and `train --resume --extend` runs on what is left of the budget): same data order, optimizer state, no second warmup.
