@@ -106,7 +106,7 @@ def test_version(capsys):
     assert code == 0 and out.strip() == f"budgetune {budgetune.__version__}"
 
 
-@pytest.mark.parametrize("command", ["train", "plan", "demo"])
+@pytest.mark.parametrize("command", ["train", "tune", "plan", "demo"])
 def test_subcommand_help_is_its_own_and_lists_the_overrides(capsys, command):
     code, out, _ = in_process(capsys, command, "--help")
     assert code == 0

@@ -28,7 +28,7 @@ def test_example_files_the_docs_name_exist(page):
 def test_dotted_config_keys_in_the_docs_are_real(page):
     reference = render()
     sections = ("model", "tokenizer", "data", "optim", "schedule", "budget", "train", "eval", "checkpoint", "plan", "output", "method",
-                "objective")
+                "objective", "tune")
     for key in set(re.findall(r"`-{0,2}((?:%s)\.\w+)(?![.\w])" % "|".join(sections), page.read_text())):
         if key.endswith(".py"):
             continue

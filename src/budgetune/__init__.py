@@ -1,6 +1,6 @@
 """budgetune: train the best causal language model your budget allows.
 
-The commands are functions here: `train`, `plan`, `evaluate`, `export`, `demo`, `report`, `fetch`. They are
+The commands are functions here: `train`, `tune`, `plan`, `evaluate`, `export`, `demo`, `report`, `fetch`. They are
 imported eagerly on purpose: a submodule imported after the package would otherwise
 replace the function of the same name (`budgetune.train` the function, not the module).
 """
@@ -14,7 +14,8 @@ from .models import fetch
 from .plan.search import make_plan as plan
 from .report import report
 from .train import train
+from .tune import tune
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "load_config", "train", "plan", "demo", "evaluate", "export", "report", "fetch", "BudgetuneError", "ConfigError", "DataError"]
+__all__ = ["Config", "load_config", "train", "tune", "plan", "demo", "evaluate", "export", "report", "fetch", "BudgetuneError", "ConfigError", "DataError"]

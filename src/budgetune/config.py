@@ -196,6 +196,28 @@ class PlanConfig:
 
 
 @dataclass
+class TuneSpaceConfig:
+    """What the race may vary (tune.space.*); a key you pinned elsewhere (optim.lr, method.name, method.r, optim.name) is never raced."""
+
+    lr: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])  # LR factors (log grid) around the method's default LR
+    methods: list[str] = field(default_factory=list)  # methods raced; empty: full and lora, those that fit the memory budget
+    ranks: list[int] = field(default_factory=lambda: [8, 16, 32])  # adapter methods: method.r values raced
+    optimizers: list[str] = field(default_factory=list)  # optimizers raced (e.g. [adamw, adamw_fp8, galore]), those that fit; empty: optim.name only
+
+
+@dataclass
+class TuneConfig:
+    """The budget race (`budgetune tune`, or `train` with tune.fraction set): race candidate recipes on a share of the budget by successive halving, then train the winner."""
+
+    fraction: float = 0.15  # share of the budget the race spends; `train` races only when you set this key
+    eta: int = 3  # successive halving: each rung keeps the best 1/eta of the trials and gives them eta × the budget
+    mode: Literal["cooldown", "branch"] = "cooldown"  # how a trial's loss is read: after its own LR cooldown, or on a short WSD cooldown branch of a constant-LR trunk
+    min_steps: int = 20  # optimizer steps the shortest trial must get; the grid shrinks until the budget affords them
+    eval_tokens: int = 16384  # held-out tokens per trial reading (at most eval.max_tokens)
+    space: TuneSpaceConfig = field(default_factory=TuneSpaceConfig)  # what the race varies (tune.space.*)
+
+
+@dataclass
 class OutputConfig:
     dir: str = "runs/run"  # the run folder: config, metrics, checkpoints, model, report
     overwrite: bool = False  # replace a run already in output.dir (same as --overwrite)
@@ -217,6 +239,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)  # the budget race (tune.*): `budgetune tune`, or `train` with tune.fraction set
     tracking: list[str] = field(default_factory=list)  # experiment trackers through accelerate: tensorboard, wandb, mlflow
 
     def to_dict(self) -> dict:
@@ -404,6 +427,16 @@ def _validate(cfg: Config) -> None:
         positive("optim.damping", cfg.optim.damping)
         positive("optim.history", cfg.optim.history)
     positive("eval.max_tokens", cfg.eval.max_tokens)
+    if not 0 < cfg.tune.fraction < 1:
+        raise ConfigError(f"config key 'tune.fraction': must be in (0, 1), got {cfg.tune.fraction}")
+    if cfg.tune.eta < 2:
+        raise ConfigError(f"config key 'tune.eta': must be at least 2, got {cfg.tune.eta}")
+    positive("tune.min_steps", cfg.tune.min_steps)
+    positive("tune.eval_tokens", cfg.tune.eval_tokens)
+    for i, factor in enumerate(cfg.tune.space.lr):
+        positive(f"tune.space.lr[{i}]", factor)
+    for i, r in enumerate(cfg.tune.space.ranks):
+        positive(f"tune.space.ranks[{i}]", r)
     positive("eval.temperature", cfg.eval.temperature, allow_zero=True)
     positive("eval.repetition_penalty", cfg.eval.repetition_penalty)
     positive("checkpoint.keep", cfg.checkpoint.keep)
@@ -430,6 +463,12 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'train.fast_forward': needs the update of a whole step, which {fused} never holds")
     if updates_in_backward(cfg.optim) and METHODS[cfg.method.name].switches:
         raise ConfigError(f"{fused} cannot follow method {cfg.method.name!r}, which changes what trains; use adamw")
+    for i, name in enumerate(cfg.tune.space.methods):
+        if name not in METHODS:
+            raise ConfigError(f"config key 'tune.space.methods[{i}]': unknown method {name!r} (known: {', '.join(sorted(METHODS))})")
+    for i, name in enumerate(cfg.tune.space.optimizers):
+        if name not in OPTIMIZERS:
+            raise ConfigError(f"config key 'tune.space.optimizers[{i}]': unknown optimizer {name!r} (known: {', '.join(OPTIMIZERS)})")
     if cfg.optim.name not in OPTIMIZERS:
         raise ConfigError(f"config key 'optim.name': unknown optimizer {cfg.optim.name!r} (known: {', '.join(OPTIMIZERS)})")
     _validate_fast_path(cfg)

@@ -40,8 +40,10 @@ def _load(run_dir: Path) -> dict:
         raise BudgetuneError(f"{run.path}: not a budgetune run folder (no metrics.jsonl or summary.json); "
                              "pass the output.dir of a run")
     summary = json.loads(run.summary.read_text()) if run.summary.exists() else {}
+    race = run.path / "tune.json"  # a run that `budgetune tune` chose: the race that chose it (tune.py)
     return {"name": run.path.name, "path": run.path, "summary": summary, "metrics": read_metrics(run.metrics),
-            "config": run.config.read_text() if run.config.exists() else ""}
+            "config": run.config.read_text() if run.config.exists() else "",
+            "race": json.loads(race.read_text()) if race.exists() else None}
 
 
 def _labels(paths: list[Path]) -> list[str]:
@@ -180,6 +182,47 @@ def _data_rows(runs: list[dict]) -> list[list]:
     return rows
 
 
+def _race_section(run: dict) -> str:
+    """The budget race (tune.py): every trial's held-out loss at each rung, which went on, the winner and why,
+    and a plot of loss against the budget each trial spent."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    race = run["race"]
+    seconds = race["unit"] == "seconds"
+    n_rungs = max(len(t["rungs"]) for t in race["trials"])
+    rows = []
+    for t in race["trials"]:
+        recipe = t["method"] + (f" r{t['rank']}" if t.get("rank") else "") + ("" if t["optimizer"] == "adamw" else f" {t['optimizer']}")
+        losses = [f"{x['loss']:.4f}" for x in t["rungs"]] + ["—"] * (n_rungs - len(t["rungs"]))
+        state = "winner (kept)" if t["id"] == race["winner"] else f"stopped at rung {len(t['rungs'])}"
+        rows.append([t["id"] + 1, recipe, f"{t['lr']:.3g}", format_duration(t["wall_s"]), format_count(t["tokens"]), *losses, state])
+    spent = race.get("race_s") if seconds else race.get("race_tokens")
+    share = f"{100 * spent / race['budget']['total']:.1f}%" if spent is not None else "—"
+    winner = race["trials"][race["winner"]]
+    text = (f"<p>{len(race['trials'])} candidates (the space had {race['space_size']}; the race budget afforded "
+            f"{race['affordable']}{'; ' + ', '.join(race['shrunk']) if race['shrunk'] else ''}), successive halving with "
+            f"η = {race['eta']}, loss read {'on a WSD cooldown branch' if race['mode'] == 'branch' else 'after each trial’s own cooldown'}. "
+            f"<b>Chosen: {html.escape(winner['label'])}</b> — {html.escape(race['why'])}. The race cost {share} of the budget "
+            f"and trained {format_count(race.get('race_tokens', 0))} tokens.</p>")
+    fig, ax = plt.subplots(figsize=(7.2, 3.6))
+    for i, t in enumerate(race["trials"]):
+        xs = [x["wall_s"] if seconds else x["tokens"] for x in t["rungs"]]
+        ax.plot(xs, [x["loss"] for x in t["rungs"]], "o-", color=f"C{i % 10}", markersize=4,
+                linewidth=2.5 if t["id"] == race["winner"] else 1, label=f"{t['id'] + 1} {t['label']}")
+    ax.set_xlabel("seconds of budget spent by the trial" if seconds else "tokens trained by the trial")
+    ax.set_ylabel("held-out loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    plot = _svg(fig)
+    plt.close(fig)
+    return (f"<h2>The race ({html.escape(run['name'])})</h2>" + text
+            + _table(["trial", "recipe", "LR", "spent", "tokens", *[f"loss rung {i + 1}" for i in range(n_rungs)], ""], rows)
+            + f"<figure class='plot' id='race'><figcaption>Held-out loss against budget spent, one line per trial</figcaption>{plot}</figure>")
+
+
 CSS = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; padding: 0 1em; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.8em; border-bottom: 1px solid #ddd; }
@@ -210,6 +253,9 @@ def render(runs: list[dict]) -> str:
             [[r["name"], r["summary"].get("objective", "—"), *[_fmt(r["summary"]["preference_eval"].get(k)) for k in
                                                                ("reward_accuracy", "margin", "chosen_logp", "rejected_logp")]]
              for r in preference]))
+    for r in runs:
+        if r.get("race") and r["race"].get("winner") is not None:
+            parts.append(_race_section(r))
     data_rows = _data_rows(runs)
     if data_rows:
         parts.append("<h2>Data</h2>" + _table(["run", "what", ""], data_rows))

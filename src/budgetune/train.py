@@ -65,6 +65,10 @@ def train(config: str | Path | dict | Config | None = None, overrides=None, *, r
     `resume` continues a stopped run from its newest intact checkpoint; `extend` (with `resume`)
     continues a finished run on a larger budget."""
     cfg = load_config(config, overrides)
+    from .tune import claims, tune
+
+    if claims(cfg, extend):  # tune.fraction set: race recipes on that share of the budget first (tune.py)
+        return tune(cfg, resume=resume, overwrite=overwrite, quiet=quiet)
     quiet_libraries()
     run_dir = RunDir(Path(cfg.output.dir))
     accelerator = _accelerator(cfg, run_dir)
