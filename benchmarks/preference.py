@@ -101,10 +101,10 @@ def default_model() -> Path:
     return found[0].parent
 
 
-def budgetune_config(model: Path, train: Path, held: Path, out: Path, objective: dict, seconds: float, **sections) -> dict:
+def budgetune_config(model: Path, train_file: Path, held: Path, out: Path, objective: dict, seconds: float, **sections) -> dict:
     cfg = {
         "model": {"name": str(model)},
-        "data": {"train": [str(train)], "eval": [str(held)], "seq_len": 1024, "cache_dir": str(out / "cache")},
+        "data": {"train": [str(train_file)], "eval": [str(held)], "seq_len": 1024, "cache_dir": str(out / "cache")},
         "objective": objective,
         "method": {"name": "lora", "r": 16, "alpha": 32},
         "optim": {"lr": 2e-4},
