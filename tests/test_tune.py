@@ -227,3 +227,16 @@ def test_a_killed_race_resumes_without_rerunning_finished_trials_and_a_killed_wi
     assert summary["tune"]["winner"] == next(t["label"] for t in state()["trials"] if t["state"] == "winner")
     assert summary["tune"]["tokens_including_race"] == pytest.approx(60_000, abs=2 * 256)
     assert not math.isnan(summary["eval_loss_after"])
+
+
+def test_train_races_only_when_tune_fraction_is_set(tmp_path):
+    """A run's saved config.yaml lists every key, tune's included: retraining from it must not race."""
+    from budgetune.config import load_config
+    from budgetune.tune import DEFAULT_FRACTION, claims, race_fraction
+
+    saved = load_config({"model": {"init": "scratch", "preset": "llama-test"}, "data": {"train": ["x.txt"]}, "budget": {"steps": 1}})
+    again = load_config(saved.to_dict())  # what `budgetune train RUN/config.yaml` reads
+    assert "tune.fraction" in again.explicit and not claims(again, extend=False)
+    assert race_fraction(again) == DEFAULT_FRACTION
+    asked = load_config({"model": {"init": "scratch", "preset": "llama-test"}, "data": {"train": ["x.txt"]}, "budget": {"steps": 1}, "tune": {"fraction": 0.2}})
+    assert claims(asked, extend=False) and not claims(asked, extend=True) and race_fraction(asked) == 0.2

@@ -209,7 +209,7 @@ class TuneSpaceConfig:
 class TuneConfig:
     """The budget race (`budgetune tune`, or `train` with tune.fraction set): race candidate recipes on a share of the budget by successive halving, then train the winner."""
 
-    fraction: float = 0.15  # share of the budget the race spends; `train` races only when you set this key
+    fraction: float | None = None  # share of the budget the race spends (`budgetune tune`: 0.15 when unset); `train` races only when it is set
     eta: int = 3  # successive halving: each rung keeps the best 1/eta of the trials and gives them eta × the budget
     mode: Literal["cooldown", "branch"] = "cooldown"  # how a trial's loss is read: after its own LR cooldown, or on a short WSD cooldown branch of a constant-LR trunk
     min_steps: int = 20  # optimizer steps the shortest trial must get; the grid shrinks until the budget affords them
@@ -427,7 +427,7 @@ def _validate(cfg: Config) -> None:
         positive("optim.damping", cfg.optim.damping)
         positive("optim.history", cfg.optim.history)
     positive("eval.max_tokens", cfg.eval.max_tokens)
-    if not 0 < cfg.tune.fraction < 1:
+    if cfg.tune.fraction is not None and not 0 < cfg.tune.fraction < 1:
         raise ConfigError(f"config key 'tune.fraction': must be in (0, 1), got {cfg.tune.fraction}")
     if cfg.tune.eta < 2:
         raise ConfigError(f"config key 'tune.eta': must be at least 2, got {cfg.tune.eta}")

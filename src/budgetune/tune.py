@@ -178,9 +178,18 @@ class _Clock:
         return self.spent + time.monotonic() - self.t0
 
 
+DEFAULT_FRACTION = 0.15  # the race's share of the budget when `budgetune tune` runs without tune.fraction
+
+
+def race_fraction(cfg: Config) -> float:
+    """The share of the budget the race spends."""
+    return DEFAULT_FRACTION if cfg.tune.fraction is None else cfg.tune.fraction
+
+
 def claims(cfg: Config, extend: bool) -> bool:
-    """`train` races first when the user set tune.fraction (an --extend of a finished run trains it further instead)."""
-    return "tune.fraction" in cfg.explicit and not extend
+    """`train` races first when tune.fraction is set (an --extend of a finished run trains it further instead).
+    Set, not merely present: a run's saved config.yaml lists every key, and retraining from it must not race."""
+    return cfg.tune.fraction is not None and not extend
 
 
 def tune(config=None, overrides=None, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> dict:
@@ -333,7 +342,7 @@ class Race:
         slice_text = (f"≥ {cfg.tune.min_steps} steps (~{format_duration(min_slice)}) each at the first rung, "
                       f"plus ~{overhead:.1f}s per trial for its set-up and evals" if unit == "seconds"
                       else f"≥ {cfg.tune.min_steps} steps ({format_count(min_slice)} tokens) each at the first rung")
-        log(f"race budget: {race_text} ({cfg.tune.fraction:.0%}) affords {n_max if n_max >= 2 else 'fewer than 2'} "
+        log(f"race budget: {race_text} ({race_fraction(cfg):.0%}) affords {n_max if n_max >= 2 else 'fewer than 2'} "
             f"candidates of {slice_text}; the space has {full_n} ({_describe(ranks, combos, lr_factors)})")
         for note in notes:
             log(f"  {note}")
@@ -350,7 +359,7 @@ class Race:
                         lr = lr0 if "optim.lr" in pinned else lr0 * f * (ADAPTER_LR_SCALE if adapter else 1.0)
                         trials.append(self._trial(len(trials), combo, r, lr, base_speed * combo.speed_guess / base_guess))
         state = {"version": 1, "phase": "race" if len(trials) >= 2 else "no_race", "unit": unit, "budget": budget,
-                 "fraction": cfg.tune.fraction, "eta": cfg.tune.eta, "mode": cfg.tune.mode, "overhead_s": overhead,
+                 "fraction": race_fraction(cfg), "eta": cfg.tune.eta, "mode": cfg.tune.mode, "overhead_s": overhead,
                  "step_tokens": step_tokens, "lr_centre": lr0, "space_size": full_n, "affordable": n_max,
                  "shrunk": steps, "notes": notes, "trials": trials, "elapsed_s": self.clock.elapsed(), "calls": []}
         if full_n < 2:
@@ -380,7 +389,7 @@ class Race:
         b = self.cfg.budget
         if b.time is not None:
             total = parse_duration(b.time)
-            return {"unit": "seconds", "total": total, "race": self.cfg.tune.fraction * total, "time_s": total}
+            return {"unit": "seconds", "total": total, "race": race_fraction(self.cfg) * total, "time_s": total}
         options = []
         if b.tokens is not None:
             options.append(parse_count(b.tokens))
@@ -390,7 +399,7 @@ class Race:
             raise BudgetuneError("tune: the race slices a time, token or step budget; budget.flops alone is not supported yet "
                                  "— give budget.time or budget.tokens")
         total = min(options)
-        return {"unit": "tokens", "total": total, "race": self.cfg.tune.fraction * total}
+        return {"unit": "tokens", "total": total, "race": race_fraction(self.cfg) * total}
 
     def _trial(self, i: int, combo: Combo, r: int | None, lr: float, speed: float) -> dict:
         label = combo.method + (f"-r{r}" if r is not None else "") + (f"-{combo.optimizer}" if combo.optimizer != self.cfg.optim.name else "") + f"-lr{lr:.2g}"

@@ -21,7 +21,7 @@ from budgetune.train import train
 
 from helpers import tiny_config, write_text_corpus
 
-train_module = importlib.import_module("budgetune.step")  # where the training step calls token_losses
+train_module = importlib.import_module("budgetune.objectives.sft")  # where the training step (the default objective) calls token_losses
 
 
 @pytest.fixture(scope="module")
