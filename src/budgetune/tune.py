@@ -263,12 +263,16 @@ class Race:
         from .methods import METHODS
         from .plan.search import make_plan, plan_for_training
 
-        cfg, log = self.cfg, self.log
-        if cfg.model.init == "scratch" and cfg.tokenizer.train_vocab_size > 0:
-            # the tokenizer is trained (and cached) before planning: every trial then loads it in no time
-            from .models import load_tokenizer
+        from .data import prepare_data
+        from .models import load_tokenizer
 
-            load_tokenizer(cfg, log=log)
+        cfg, log = self.cfg, self.log
+        # the tokenizer (trained and cached when asked) and the data read and tokenised once, before anything is
+        # replaced: bad data is one clear error here with a previous run untouched, and every trial reads the cache.
+        # Selection scores with a model, per trial; reading the data does not need it
+        readable = copy.deepcopy(cfg)
+        readable.data.select.method = "off"
+        prepare_data(readable, load_tokenizer(cfg, log=log), seed=cfg.train.seed, log=lambda m: None)
         planned, prediction = plan_for_training(cfg, log=log)
         if prediction is None:
             raise BudgetuneError("tune: the planner could not model this recipe (see above), and the race needs its "

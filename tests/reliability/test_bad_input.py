@@ -333,6 +333,18 @@ def test_overwrite_with_bad_data_keeps_the_run_it_would_replace(trained_run, tmp
     assert not list(tmp_path.glob(".run.replaced-*"))
 
 
+def test_tune_overwrite_with_bad_data_keeps_the_run_it_would_replace(trained_run, tmp_path, capsys):
+    """`budgetune tune --overwrite` reads the data before it replaces anything: bad data leaves the old run as it was."""
+    run = copy_run(trained_run, tmp_path)
+    before = snapshot(run)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": \n')
+    code, err, _ = cli(capsys, "tune", run / "config.yaml", "--output.dir", run, "--data.train", bad, "--overwrite", "--quiet")
+    assert_one_clear_error(code, err, [f"{bad}:2"])
+    assert snapshot(run) == before
+    assert not list(tmp_path.glob(".run.replaced-*"))
+
+
 @pytest.mark.parametrize("how", ["flag", "config"])
 def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, tok_dir, capsys, how):
     """--overwrite (or output.overwrite) may empty only a run folder; a config naming some other
