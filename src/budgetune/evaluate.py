@@ -103,24 +103,31 @@ def token_logps(model, batch: dict) -> torch.Tensor:
     return torch.cat(pieces).view_as(targets)
 
 
-@torch.no_grad()
-def heldout_loss(model, rows: Rows | None, micro_batch: int, max_tokens: int, device, world_size: int = 1, rank: int = 0, reduce=None) -> float:
-    """Mean next-token loss over (the first max_tokens of) the held-out rows."""
+def _heldout_totals(model, rows: Rows | None, micro_batch: int, max_tokens: int, device, world_size: int, rank: int,
+                    reduce, width: int, sums) -> torch.Tensor | None:
+    """`sums(batch)` (a float64 vector of `width`) added over this process's share of the first max_tokens of the
+    held-out rows, in eval mode, and reduced over processes; None without held-out rows."""
     if rows is None or len(rows) == 0:
-        return float("nan")
+        return None
     was_training = model.training
     model.eval()
     n_rows = min(len(rows), max(1, max_tokens // rows.input_ids.shape[1]))
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+    total = torch.zeros(width, dtype=torch.float64, device=device)
     mine = list(range(rank, n_rows, world_size))
     for start in range(0, len(mine), micro_batch):
-        batch = {k: v.to(device) for k, v in rows.batch(mine[start : start + micro_batch]).items()}
-        loss, count = token_losses(model, batch)
-        total += torch.stack([loss.double(), count.double()])
+        total += sums({k: v.to(device) for k, v in rows.batch(mine[start : start + micro_batch]).items()})
     if reduce is not None:
         total = reduce(total)
     model.train(was_training)
-    return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+    return total
+
+
+@torch.no_grad()
+def heldout_loss(model, rows: Rows | None, micro_batch: int, max_tokens: int, device, world_size: int = 1, rank: int = 0, reduce=None) -> float:
+    """Mean next-token loss over (the first max_tokens of) the held-out rows."""
+    total = _heldout_totals(model, rows, micro_batch, max_tokens, device, world_size, rank, reduce, 2,
+                            lambda batch: torch.stack([t.double() for t in token_losses(model, batch)]))
+    return (total[0] / total[1]).item() if total is not None and total[1] > 0 else float("nan")
 
 
 @torch.no_grad()
@@ -133,20 +140,13 @@ def heldout_metrics(model, objective, rows: Rows | None, micro_batch: int, max_t
         return {"eval_loss": heldout_loss(model, rows, micro_batch, max_tokens, device, world_size, rank, reduce)}
     from .objectives.base import summarize
 
-    if rows is None or len(rows) == 0:
-        return {"eval_loss": float("nan")}
-    was_training = model.training
-    model.eval()
-    n_rows = min(len(rows), max(1, max_tokens // rows.input_ids.shape[1]))
-    total = torch.zeros(6, dtype=torch.float64, device=device)
-    mine = list(range(rank, n_rows, world_size))
-    for start in range(0, len(mine), micro_batch):
-        batch = {k: v.to(device) for k, v in rows.batch(mine[start : start + micro_batch]).items()}
+    def pair_sums(batch: dict) -> torch.Tensor:  # the five per-pair statistics summed, and the pair count
         _, stats = objective.pairs(model, batch)
-        total += torch.cat([stats.sum(0).double(), torch.tensor([float(len(stats))], dtype=torch.float64, device=device)])
-    if reduce is not None:
-        total = reduce(total)
-    model.train(was_training)
+        return torch.cat([stats.sum(0).double(), torch.tensor([float(len(stats))], dtype=torch.float64, device=device)])
+
+    total = _heldout_totals(model, rows, micro_batch, max_tokens, device, world_size, rank, reduce, 6, pair_sums)
+    if total is None:
+        return {"eval_loss": float("nan")}
     total = total.cpu()
     return {"eval_loss": (total[0] / total[5]).item() if total[5] > 0 else float("nan"), **summarize(total)}
 
