@@ -321,25 +321,15 @@ def test_output_folder_that_holds_a_run_is_kept(trained_run, tmp_path, capsys):
     assert snapshot(run) == before
 
 
-def test_overwrite_with_bad_data_keeps_the_run_it_would_replace(trained_run, tmp_path, capsys):
-    """--overwrite replaces a run only once the new one is under way: bad data leaves the old one as it was."""
+@pytest.mark.parametrize("command", ["train", "tune"])
+def test_overwrite_with_bad_data_keeps_the_run_it_would_replace(trained_run, tmp_path, capsys, command):
+    """--overwrite replaces a run only once the new one is under way (`tune` reads the data before it replaces
+    anything): bad data leaves the old one as it was."""
     run = copy_run(trained_run, tmp_path)
     before = snapshot(run)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": \n')
-    code, err, _ = cli(capsys, "train", run / "config.yaml", "--output.dir", run, "--data.train", bad, "--overwrite", "--quiet")
-    assert_one_clear_error(code, err, [f"{bad}:2"])
-    assert snapshot(run) == before
-    assert not list(tmp_path.glob(".run.replaced-*"))
-
-
-def test_tune_overwrite_with_bad_data_keeps_the_run_it_would_replace(trained_run, tmp_path, capsys):
-    """`budgetune tune --overwrite` reads the data before it replaces anything: bad data leaves the old run as it was."""
-    run = copy_run(trained_run, tmp_path)
-    before = snapshot(run)
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "fine"}\n{"text": \n')
-    code, err, _ = cli(capsys, "tune", run / "config.yaml", "--output.dir", run, "--data.train", bad, "--overwrite", "--quiet")
+    code, err, _ = cli(capsys, command, run / "config.yaml", "--output.dir", run, "--data.train", bad, "--overwrite", "--quiet")
     assert_one_clear_error(code, err, [f"{bad}:2"])
     assert snapshot(run) == before
     assert not list(tmp_path.glob(".run.replaced-*"))
