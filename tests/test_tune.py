@@ -93,8 +93,8 @@ def test_a_space_too_large_is_shrunk_ranks_first_then_methods_then_lr():
 # --- planning the race on a real config (no training) ----------------------------------------------------------
 
 
-def _plan(tmp_path, corpus, **sections) -> tuple[dict, list[str]]:
-    cfg_dict = tiny_config(tmp_path, corpus, budget={"steps": None, "tokens": 60_000}, **sections)
+def _plan(tmp_path, corpus, budget=None, **sections) -> tuple[dict, list[str]]:
+    cfg_dict = tiny_config(tmp_path, corpus, budget=budget or {"steps": None, "tokens": 60_000}, **sections)
     for section, key in (("train", "micro_batch"), ("optim", "lr")):
         if key not in sections.get(section, {}):
             del cfg_dict[section][key]  # left open, as a user would
@@ -117,6 +117,15 @@ def test_the_race_budget_decides_how_many_candidates_and_says_so(tmp_path, corpu
     assert "affords 3 candidates" in text and "the space has 20" in text
     assert "the space is too large for this budget" in text and "LR grid thinned" in text
     assert {t["method"] for t in state["trials"]} == {"full"}  # a tiny budget races LR only
+
+
+def test_a_flops_budget_is_raced_in_tokens_of_the_planned_recipe(tmp_path, corpus):
+    tokens, _ = _plan(tmp_path / "tokens", corpus, tune={"min_steps": 8})
+    fpt = tokens["budget"]["flops_per_token"]
+    assert fpt > 0
+    flops, lines = _plan(tmp_path / "flops", corpus, budget={"steps": None, "flops": 60_000 * fpt}, tune={"min_steps": 8})
+    assert flops["budget"]["total"] == pytest.approx(60_000)
+    assert flops["affordable"] == tokens["affordable"] and len(flops["trials"]) == len(tokens["trials"])
 
 
 def test_pinned_keys_stay_pinned(tmp_path, corpus):

@@ -389,7 +389,8 @@ class Race:
 
     def _budget_units(self, step_tokens: int, speed: float, prediction: dict) -> dict:
         """The race's currency: seconds for a time budget (trials get the tokens their speed buys in them),
-        tokens otherwise (steps and FLOPs budgets are converted)."""
+        tokens otherwise (steps and FLOPs budgets are converted: a FLOPs budget at the planned recipe's
+        FLOPs per token, so every trial's token counts as one of that recipe's)."""
         b = self.cfg.budget
         if b.time is not None:
             total = parse_duration(b.time)
@@ -399,11 +400,11 @@ class Race:
             options.append(parse_count(b.tokens))
         if b.steps is not None:
             options.append(b.steps * step_tokens)
-        if not options:
-            raise BudgetuneError("tune: the race slices a time, token or step budget; budget.flops alone is not supported yet "
-                                 "— give budget.time or budget.tokens")
+        flops_per_token = prediction["flops_per_token"]
+        if b.flops is not None:
+            options.append(parse_count(b.flops) / flops_per_token)
         total = min(options)
-        return {"unit": "tokens", "total": total, "race": race_fraction(self.cfg) * total}
+        return {"unit": "tokens", "total": total, "race": race_fraction(self.cfg) * total, "flops_per_token": flops_per_token}
 
     def _trial(self, i: int, combo: Combo, r: int | None, lr: float, speed: float) -> dict:
         label = combo.method + (f"-r{r}" if r is not None else "") + (f"-{combo.optimizer}" if combo.optimizer != self.cfg.optim.name else "") + f"-lr{lr:.2g}"
@@ -599,6 +600,8 @@ class Race:
                 budget["tokens"] = int(own["tokens"] + parse_count(budget["tokens"]) - st["race_tokens"])
             if budget.get("steps") is not None:
                 budget["steps"] = int(own["steps"] + budget["steps"] - round(st["race_tokens"] / st["step_tokens"]))
+            if budget.get("flops") is not None:  # the other trials' tokens at the rate the race converted them
+                budget["flops"] = parse_count(budget["flops"]) - race_tokens * st["budget"]["flops_per_token"]
             d["budget"] = budget
             st["winner_config"] = d
             st["lineage_elapsed_s"] = lineage["elapsed_s"]  # the winner's clock when it left the race (its trial's time)

@@ -438,6 +438,7 @@ def plan_for_training(cfg, log=print):
     prediction = None
     if match is not None:
         prediction = {"peak_memory_mb": round(match.memory.total / 2**20, 1), "tokens_per_s": round(match.tokens_per_s, 1),
+                      "flops_per_token": match.flops_per_token,
                       "measured_tokens_per_s": round(plan.measured_tokens_per_s, 1) if plan.measured_tokens_per_s else None,
                       "tokens_per_s_basis": "probed" if match.probed else "device guess, uncalibrated",
                       "fits": match.fits, "memory_terms_mb": {k: round(v / 2**20, 1) for k, v in match.memory.terms.items()},
