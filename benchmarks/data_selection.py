@@ -1,6 +1,7 @@
 """Data selection at an equal training budget that covers less than one epoch (issue 17).
 
     python benchmarks/data_selection.py [--share 0.4 | --seconds S] [--base-steps 60] [--preset llama-test] [--seeds 0,1] [--work DIR]
+    python benchmarks/data_selection.py --model ~/.cache/budgetune/gguf/SmolLM2-135M-Instruct.Q4_1-*/ --data clean --train 150 --work DIR
 
 The budget is a token budget by default (--share of an epoch of the clean training set):
 the same training compute for every run, so the
@@ -25,6 +26,12 @@ scoring costs in time is measured separately (step 3) and set against the time `
    data.select method keeping the share of tokens that `all` got through in the budget
    (a perfect ranking puts the whole budget on its best examples). On (b) also `all` +
    data.dedup near. Held-out loss on the clean held-out chats, per seed.
+
+(c) the real model: `--model` names a pretrained folder (SmolLM2-135M-Instruct as `budgetune fetch
+smollm2-135m-instruct` caches it) instead of step 1's base; every run is then LoRA r16 (lr 1e-3,
+micro-batch 2, as benchmarks/real_models.py; held-out loss on the first 8,192 held-out tokens) and
+scores with the real model's losses and states.
+On a 2-core CPU a 135M model trains ~200 tokens/s: `--train 150` keeps the runs to minutes.
 """
 
 from __future__ import annotations
@@ -87,28 +94,36 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--data", default="clean,noisy", help="which sets: clean (a), noisy (b); separate processes can share --work")
     ap.add_argument("--work", help="work folder (reuses its base model if present)")
+    ap.add_argument("--model", help="a pretrained model folder to fine-tune with LoRA r16 instead of the demo-trained base (c)")
+    ap.add_argument("--train", type=int, default=300, help="training chats in (a); (b) adds its noise to them")
     args = ap.parse_args()
     from budgetune.data.corpora import stdlib_chat
 
     tmp = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="budgetune-selection-"))
-    if not (tmp / "base" / "model").exists():
+    base_model = args.model or str(tmp / "base" / "model")
+    if not args.model and not (tmp / "base" / "model").exists():
         subprocess.run([sys.executable, "-m", "budgetune", "train", "demo", "--budget.time", "1h", "--budget.steps", str(args.base_steps), "--model.preset", args.preset,
                         "--output.dir", str(tmp / "base"), "--quiet", "--overwrite"], check=True)
     chats = [json.loads(line) for line in stdlib_chat(tmp / "chat.jsonl", limit=3000, max_chars=1200).read_text().splitlines()]
     random.Random(0).shuffle(chats)
-    heldout, target, train = chats[:100], chats[100:150], chats[150:450]
+    heldout, target, train = chats[:100], chats[100:150], chats[150:150 + args.train]
     files = {"eval": write(tmp / "heldout.jsonl", heldout), "target": write(tmp / "target.jsonl", target),
              "clean": write(tmp / "clean.jsonl", train), "noisy": write(tmp / "noisy.jsonl", noisy(train))}
+
+    # the demo-trained base: full fine-tuning; a real model (c): LoRA r16 at real_models.py's settings
+    recipe = ({"method": {"name": "lora", "r": 16}, "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0}, "micro_batch": 2, "eval_tokens": 8192}
+              if args.model else {"method": "full", "optim": {"name": "adamw", "lr": 5e-4, "weight_decay": 0.0}, "micro_batch": 8, "eval_tokens": 16384})
 
     def config(data: str, label: str, seed: int, select=None, dedup="off", budget=None) -> dict:
         out = tmp / "runs" / data / f"{label}-s{seed}"
         return {
-            "model": {"name": str(tmp / "base" / "model")},
+            "model": {"name": base_model},
             "data": {"train": [files[data]], "eval": [files["eval"]], "seq_len": 256, "cache_dir": str(tmp / "cache"),
                      "dedup": dedup, "select": select or {"method": "off"}},
-            "method": "full", "optim": {"name": "adamw", "lr": 5e-4, "weight_decay": 0.0},
+            "method": recipe["method"], "optim": recipe["optim"],
             "schedule": {"name": "cosine", "warmup": 0.05}, "budget": budget or ({"time": f"{args.seconds}s"} if args.seconds else {"tokens": int(args.tokens)}),
-            "train": {"micro_batch": 8, "seed": seed}, "eval": {"every": None, "max_tokens": 16384},
+            "train": {"micro_batch": recipe["micro_batch"], "seed": seed},
+            "eval": {"every": None, "max_tokens": recipe["eval_tokens"]},
             "checkpoint": {"every": None}, "output": {"dir": str(out), "overwrite": True},
         }
 
@@ -150,7 +165,8 @@ def main() -> None:
                 print(json.dumps(entry), flush=True)
 
     budget = f"{args.seconds:.0f} s" if args.seconds else f"{args.tokens:,.0f} training tokens"
-    print(f"\nequal budget per run: {budget}; base: {args.preset}, {args.base_steps} steps of demo pre-training; seeds {seeds}; "
+    described = f"{args.model} (LoRA r16)" if args.model else f"{args.preset}, {args.base_steps} steps of demo pre-training"
+    print(f"\nequal budget per run: {budget}; base: {described}; {args.train} training chats; seeds {seeds}; "
           f"held-out: 100 clean chats\n")
     print("| data | run | kept share of tokens | held-out loss per seed | mean | Δ vs all | scoring cost s | run time s | tokens trained |")
     print("|---|---|---|---|---|---|---|---|---|")

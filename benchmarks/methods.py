@@ -2,6 +2,7 @@
 
     python benchmarks/methods.py [--seconds 30] [--base-seconds 90] [--data chat,demo]
                                  [--only LABEL,...] [--seeds 0,1] [--work DIR]
+    python benchmarks/methods.py --model ~/.cache/budgetune/gguf/SmolLM2-135M-Instruct.Q4_1-*/ --data chat --seconds 90 --only ...
 
 1. A base model: `budgetune train demo` for --base-seconds (tiny Llama pre-trained on the
    standard library's sources).
@@ -16,6 +17,11 @@
 5. Fast Forward: LoRA's final loss L after --seconds and its step count S; then LoRA with
    Fast Forward on a budget of S steps, evaluated every S/10 steps: the first step at which
    its held-out loss is ≤ L.
+
+--model fine-tunes a pretrained folder instead of step 1's base (SmolLM2-135M-Instruct as `budgetune
+fetch smollm2-135m-instruct` caches it): seq_len 256 and micro-batch 2 so that a 135M model on a
+2-core CPU takes tens of steps, evaluation on 4,096 held-out tokens, and the rows' learning rates
+scaled to real_models.py's (full-FT optimizers ×0.1 → 5e-5 for AdamW, adapters ×0.5 → 1e-3 for LoRA).
 
 --only runs just the rows whose label is listed (exactly) and skips 4–5; --seeds repeats each
 row with those train.seed values (data order, adapter init) and reports each seed's loss and
@@ -85,11 +91,12 @@ def main() -> None:
     ap.add_argument("--data", default="chat,demo", help="comma-separated: chat, demo")
     ap.add_argument("--only", help="comma-separated row labels to run (skips the REX and Fast Forward extras)")
     ap.add_argument("--seeds", default="0", help="comma-separated train.seed values, one run each")
+    ap.add_argument("--model", help="a pretrained model folder to fine-tune instead of the demo-trained base")
     ap.add_argument("--steps", type=int, help="an equal number of optimizer steps per row instead of equal seconds "
                                                "(with --only; results go to results-DATA-stepsN.jsonl)")
     args = ap.parse_args()
     tmp = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="budgetune-methods-"))
-    if not (tmp / "base" / "model").exists():
+    if not args.model and not (tmp / "base" / "model").exists():
         subprocess.run([sys.executable, "-m", "budgetune", "train", "demo", "--budget.time", f"{args.base_seconds}s",
                         "--output.dir", str(tmp / "base"), "--quiet", "--overwrite"], check=True)
     for data in args.data.split(","):
@@ -105,15 +112,19 @@ def table(tmp: Path, data: str, args) -> None:
     else:  # the demo config's own corpus (the standard library's sources)
         train_files = load_config("demo").data.train
 
+    real = bool(args.model)  # a 135M model on a 2-core CPU: shorter rows, fewer of them per step, a smaller eval
+
     def config(label, method, optim, seconds, schedule="cosine", budget=None, train=None, every=None, seed=0):
+        if real:  # real_models.py's learning rates: full-FT optimizers at a tenth, adapters at half the tiny base's
+            optim = {**optim, "lr": optim["lr"] * (0.1 if method["name"] in ("full", "freeze", "lisa", "badam") else 0.5)}
         return {
-            "model": {"name": str(tmp / "base" / "model")},
+            "model": {"name": args.model or str(tmp / "base" / "model")},
             # chat: 20% held out, so the 32 evaluated rows and Fast Forward's 4 judging rows never overlap
-            "data": {"train": train_files, "seq_len": 512, "eval_fraction": 0.2 if data == "chat" else 0.05,
+            "data": {"train": train_files, "seq_len": 256 if real else 512, "eval_fraction": 0.2 if data == "chat" else 0.05,
                      "cache_dir": str(tmp / "cache")},
             "method": method, "optim": {**optim, "weight_decay": 0.0}, "schedule": {"name": schedule, "warmup": 0.05},
-            "budget": budget or {"time": f"{seconds}s"}, "train": {"micro_batch": 8, "seed": seed, **(train or {})},
-            "eval": {"every": every, "max_tokens": 16384}, "checkpoint": {"every": None},
+            "budget": budget or {"time": f"{seconds}s"}, "train": {"micro_batch": 2 if real else 8, "seed": seed, **(train or {})},
+            "eval": {"every": every, "max_tokens": 4096 if real else 16384}, "checkpoint": {"every": None},
             "output": {"dir": str(tmp / "runs" / data / label.replace(" ", "_").replace("/", "-")), "overwrite": True},
         }
 
@@ -136,7 +147,7 @@ def table(tmp: Path, data: str, args) -> None:
             rows.append({"method": label, "seed": seed, "eval_loss": s["eval_loss_after"], "loss_before": s["eval_loss_before"],
                          "peak_mb": s["peak_memory_mb"], "state_mb": s["optimizer_state_bytes"] / 2**20,
                          "trainable": s["trainable_parameters"], "tokens_per_s": s["train_tokens_per_s_median"], "steps": s["steps"],
-                         "seconds": args.seconds, "budget_steps": args.steps, "elapsed_s": s["elapsed_s"], "lr": optim["lr"]})
+                         "seconds": args.seconds, "budget_steps": args.steps, "elapsed_s": s["elapsed_s"], "lr": cfg["optim"]["lr"]})
             with open(results, "a") as f:
                 f.write(json.dumps(rows[-1]) + "\n")
             print(json.dumps(rows[-1]), flush=True)
