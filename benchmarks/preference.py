@@ -31,16 +31,17 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
+import gc
 import json
 import random
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import train_in_process  # noqa: E402
+from _runs import peer_max_steps, train_in_process  # noqa: E402
 
 SYSTEM = "You write Python functions from their documentation."
 
@@ -101,7 +102,8 @@ def default_model() -> Path:
     return found[0].parent
 
 
-def budgetune_config(model: Path, train_file: Path, held: Path, out: Path, objective: dict, seconds: float, **sections) -> dict:
+def budgetune_config(model: Path, train_file: Path, held: Path, out: Path, objective: dict, seconds: float, seed: int = 0,
+                     **sections) -> dict:
     cfg = {
         "model": {"name": str(model)},
         "data": {"train": [str(train_file)], "eval": [str(held)], "seq_len": 1024, "cache_dir": str(out / "cache")},
@@ -110,7 +112,7 @@ def budgetune_config(model: Path, train_file: Path, held: Path, out: Path, objec
         "optim": {"lr": 2e-4},
         "schedule": {"name": "cosine", "warmup": 0.05},
         "budget": {"time": f"{seconds}s"},
-        "train": {"micro_batch": 1, "batch_tokens": 1024, "seed": 0},
+        "train": {"micro_batch": 1, "batch_tokens": 1024, "seed": seed},
         "eval": {"every": None, "max_tokens": 1024},  # the comparison's held-out metrics are measured after the run
         "checkpoint": {"every": None},
         "plan": {"auto": False},
@@ -139,10 +141,19 @@ def heldout(model, tokenizer, held: Path, out: Path, pairs: int) -> dict:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """The process's peak RSS (VmHWM) since the last `_reset_peak_rss`."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(ln for ln in status.splitlines() if ln.startswith("VmHWM:")).split()[1]) / 1024
 
 
-def run_trl(model_dir: Path, train: Path, out: Path, seconds: float) -> dict:
+def _reset_peak_rss() -> None:
+    """Start the peak RSS afresh (Linux: 5 → /proc/self/clear_refs), so a probe that is not part of
+    the run does not count in its peak."""
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def run_trl(model_dir: Path, train: Path, out: Path, seconds: float, seed: int = 0) -> dict:
     """TRL's DPOTrainer with the same LoRA, β, LR and pairs per step, stopped after `seconds` of training."""
     import torch
     from datasets import load_dataset
@@ -150,7 +161,7 @@ def run_trl(model_dir: Path, train: Path, out: Path, seconds: float) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     dataset = load_dataset("json", data_files=str(train), split="train")
@@ -163,19 +174,25 @@ def run_trl(model_dir: Path, train: Path, out: Path, seconds: float) -> dict:
             if time.monotonic() - self.t0 >= seconds:
                 control.should_training_stop = True
 
-    stop = StopAt()
-    args = DPOConfig(output_dir=str(out / "trl-dpo"), per_device_train_batch_size=2, gradient_accumulation_steps=1,
-                     learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.05, max_steps=100000, beta=0.1,
-                     max_length=512, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
-                     bf16=False, fp16=False, dataloader_num_workers=0)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[stop],
-                         peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    def make(max_steps: int, m):
+        args = DPOConfig(output_dir=str(out / "trl-dpo"), per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                         learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.05, max_steps=max_steps, beta=0.1,
+                         max_length=512, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=seed,
+                         bf16=False, fp16=False, dataloader_num_workers=0)
+        return DPOTrainer(model=m, args=args, train_dataset=dataset, processing_class=tokenizer,
+                          peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+
+    # its cosine schedule and 5% warmup need the step count that fits the budget (the probe is not charged)
+    max_steps, _ = peer_max_steps(seconds, lambda n: make(n, copy.deepcopy(model)))
+    _reset_peak_rss()
+    trainer = make(max_steps, model)
+    trainer.add_callback(StopAt())
     t0 = time.monotonic()
     trainer.train()
     train_s = time.monotonic() - t0
     tokens = trainer._total_train_tokens if hasattr(trainer, "_total_train_tokens") else None
     trainer.model.save_pretrained(str(out / "trl-dpo" / "adapter"))
-    return {"steps": trainer.state.global_step, "train_s": round(train_s, 1), "tokens": tokens,
+    return {"steps": trainer.state.global_step, "max_steps": max_steps, "train_s": round(train_s, 1), "tokens": tokens,
             "tokens_per_s": round(tokens / train_s, 1) if tokens else None, "peak_rss_mb": round(_peak_rss_mb(), 1)}
 
 
@@ -194,7 +211,7 @@ def child(kind: str, spec: Path) -> None:
     """A part run in its own process (clean peak memory); prints its JSON result."""
     a = json.loads(spec.read_text())
     if kind == "trl":
-        result = run_trl(Path(a["model"]), Path(a["train"]), Path(a["out"]), a["seconds"])
+        result = run_trl(Path(a["model"]), Path(a["train"]), Path(a["out"]), a["seconds"], int(a["seed"]))
     else:
         result = evaluate_adapter(Path(a["model"]), Path(a["adapter"]) if a["adapter"] else None, Path(a["held"]), Path(a["out"]), a["pairs"])
     print("RESULT " + json.dumps(result), flush=True)
@@ -218,6 +235,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=48, help="held-out pairs evaluated")
     ap.add_argument("--train-pairs", type=int, default=600)
     ap.add_argument("--out", type=Path, default=Path("runs/bench-preference"))
+    ap.add_argument("--seed", type=int, default=0, help="train.seed / TRL's seed (data order, adapter init); the pairs stay the same")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: trl, orpo, simpo, layout")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -231,7 +249,7 @@ def main() -> None:
     runs += [] if "orpo" in skip else [("budgetune ORPO", {"name": "orpo", "odds_weight": 0.1})]
     runs += [] if "simpo" in skip else [("budgetune SimPO", {"name": "simpo", "beta": 2.0, "gamma": 1.0})]
     for label, objective in runs:
-        s = train_in_process(budgetune_config(model, train, held, args.out, objective, args.seconds),
+        s = train_in_process(budgetune_config(model, train, held, args.out, objective, args.seconds, args.seed),
                              args.out / f"budgetune-{objective['name']}")
         run_dir = Path(s["run_dir"])
         ev = in_child("eval", args.out, tag=objective["name"], model=model, adapter=run_dir / "model", held=held, out=args.out,
@@ -241,7 +259,7 @@ def main() -> None:
                           "own_metrics": s.get("preference_eval"), "heldout_dpo": ev}
         print(label, json.dumps(results[label]), flush=True)
     if "trl" not in skip:
-        r = in_child("trl", args.out, tag="dpo", model=model, train=train, out=args.out, seconds=args.seconds)
+        r = in_child("trl", args.out, tag="dpo", model=model, train=train, out=args.out, seconds=args.seconds, seed=args.seed)
         r["heldout_dpo"] = in_child("eval", args.out, tag="trl", model=model, adapter=args.out / "trl-dpo" / "adapter", held=held,
                                     out=args.out, pairs=args.pairs)
         results["TRL DPOTrainer"] = r

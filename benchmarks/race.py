@@ -42,6 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _runs import peer_max_steps
+
 HERE = Path(__file__).resolve()
 EVAL_TOKENS = 32768
 
@@ -197,23 +199,11 @@ def run_peer(spec: dict) -> dict:
             args = TrainingArguments(output_dir=out, max_steps=max_steps, remove_unused_columns=False, **common)
             return Trainer(model=m, args=args, train_dataset=examples, data_collator=counting(pad))
 
-    class StepTimes(TrainerCallback):
-        def __init__(self):
-            self.ends = []
-
-        def on_step_end(self, args, state, control, **kw):
-            self.ends.append(time.monotonic())
-
     with tempfile.TemporaryDirectory() as out:
-        # the throughput guess, not charged to the budget: 8 steps of a throwaway copy, the last 5 timed
-        # (the first ones pay for set-up and warm-up and would make max_steps too small)
-        probe_started, times = time.monotonic(), StepTimes()
-        probe = make(8, out, copy.deepcopy(model))
-        probe.add_callback(times)
-        probe.train()
-        step_s = (times.ends[-1] - times.ends[-6]) / 5
-        started += time.monotonic() - probe_started
-        max_steps = max(1, int((budget - (time.monotonic() - started)) / step_s))
+        # the throughput guess, not charged to the budget
+        remaining = budget - (time.monotonic() - started)
+        max_steps, probe_s = peer_max_steps(remaining, lambda n: make(n, out, copy.deepcopy(model)))
+        started += probe_s
         counted["tokens"] = 0
         trainer = make(max_steps, out, model)
         trainer.add_callback(Stop())

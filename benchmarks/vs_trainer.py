@@ -13,8 +13,8 @@ The baseline, done as a careful user would with the standard stack:
   example; labels -100 on padding and on prompts, exactly budgetune's loss mask);
 - AdamW with budgetune's LR, betas, weight decay, warmup fraction and micro-batch, cosine
   schedule, clipping 1.0;
-- `max_steps` from a throughput guess: 5 timed steps first (not charged to its budget), then
-  max_steps = budget / step time; a callback also stops it when the wall-clock budget is up.
+- `max_steps` from a throughput guess (`_runs.peer_max_steps`: 8 steps of a throwaway copy, the
+  last 5 timed, not charged to its budget), then max_steps = budget / step time; a callback also stops it when the wall-clock budget is up.
   Its budget starts when its datasets are built, like budgetune's (which also pays for data
   preparation, its evals and the final save inside its budget; the baseline's final eval is
   not charged).
@@ -34,6 +34,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _runs import peer_max_steps
 
 HERE = Path(__file__).resolve()
 
@@ -103,14 +105,12 @@ def run_trainer(spec: dict) -> dict:
     budget = spec.get("seconds")
     max_steps = spec.get("steps")
     with tempfile.TemporaryDirectory() as out:
-        if max_steps is None:  # the throughput guess: 5 timed steps of a throwaway copy
+        if max_steps is None:  # the throughput guess on a throwaway copy, not charged to the budget
             import copy
 
-            probe_started = time.monotonic()
-            Trainer(model=copy.deepcopy(model), args=arguments(5, out), train_dataset=examples, data_collator=collate).train()
-            step_s = (time.monotonic() - probe_started) / 5
-            started += time.monotonic() - probe_started  # the probe is not charged to the budget
-            max_steps = max(1, int(budget / step_s))
+            max_steps, probe_s = peer_max_steps(budget, lambda n: Trainer(model=copy.deepcopy(model), args=arguments(n, out),
+                                                                          train_dataset=examples, data_collator=collate))
+            started += probe_s
         counted["tokens"] = 0
         trainer = Trainer(model=model, args=arguments(max_steps, out), train_dataset=examples, data_collator=collate,
                           callbacks=[Stop(budget)] if budget else [])
