@@ -22,6 +22,7 @@ import importlib.util
 import torch
 
 from .errors import ConfigError
+from .layers import decoder_layers
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "pure-bf16")
 COMPILE_MIN_BUDGET_S = 600  # auto: compiling a 0.5-1.5B model costs about a minute; not worth it on shorter runs
@@ -100,9 +101,7 @@ def use_compile(cfg, device_type: str) -> bool:
 def compile_layers(model) -> int:
     """torch.compile each decoder layer in place; the number compiled. Identical layers share one
     compiled graph, so the compile time is that of one layer, not of the whole stack."""
-    from .plan.memory import _decoder_layers
-
-    layers = _decoder_layers(model)  # a peft wrapper exposes the base config and modules too
+    layers = decoder_layers(model)
     for layer in layers:
         layer.compile()
     return len(layers)

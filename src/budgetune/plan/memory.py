@@ -102,6 +102,7 @@ import json
 from dataclasses import dataclass, field
 
 from ..attention import MASK_FREE
+from ..layers import decoder_layers
 from .recipe import Recipe, prepare_method
 
 MiB = 2**20
@@ -214,7 +215,7 @@ def _architecture(key: str, config) -> _Arch:
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is embedding
     unique = {id(p): p for p in model.parameters()}
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     layer = layers[0]
     layer_params = list(layer.parameters())
     linears = tuple(
@@ -242,15 +243,6 @@ def _architecture(key: str, config) -> _Arch:
     )
     _ARCH_CACHE[key] = arch
     return arch
-
-
-def _decoder_layers(model):
-    import torch
-
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == model.config.num_hidden_layers:
-            return module
-    raise ValueError(f"no decoder layer list found in {type(model).__name__}")
 
 
 def lora_linears(arch: _Arch, targets: tuple[str, ...]) -> list[_Linear]:
