@@ -44,6 +44,24 @@ def test_chunked_equals_plain_in_loss_and_gradients(monkeypatch):
         torch.testing.assert_close(chunked[n], p.grad, rtol=1e-4, atol=1e-5)  # summation order differs
 
 
+@torch.no_grad()
+def test_token_logps_chunked_equals_plain_and_sums_to_the_loss(monkeypatch):
+    """The preference objectives' per-token log-probs: the same on the chunked path as on the plain one, 0 where the
+    label is ignored, and minus their sum is token_losses' loss."""
+    vocab = 40000
+    model = _model(vocab)
+    monkeypatch.setattr(lm_loss, "loss_chunk", lambda config: 7)
+    chunked = lm_loss.token_logps(model, _batch(vocab))
+    assert "forward" not in vars(model.lm_head)  # the head is itself again
+    monkeypatch.setattr(lm_loss, "loss_chunk", lambda config: 0)
+    plain = lm_loss.token_logps(model, _batch(vocab))
+    assert chunked.shape == plain.shape == (2, 23)
+    torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-5)
+    assert (plain[0, :4] == 0).all() and (plain[0, 4:] < 0).all()  # the prompt's targets carry no log-prob
+    loss, _ = token_losses(model, _batch(vocab))
+    torch.testing.assert_close(-plain.sum(), loss, rtol=1e-5, atol=1e-4)
+
+
 def test_planner_counts_one_chunk_of_logits():
     big = LlamaConfig(vocab_size=151936, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4)
     estimate = estimate_memory(big, Recipe(micro_batch=8, seq_len=1024))

@@ -94,11 +94,7 @@ def token_logps(model, batch: dict) -> torch.Tensor:
         logits = model(**batch, use_cache=False).logits
         return -F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
                                 reduction="none").view_as(targets)
-    head.forward = lambda x: x
-    try:
-        hidden = model(**batch, use_cache=False).logits
-    finally:
-        del head.forward
+    hidden = _final_hidden(model, head, batch)
     hidden, flat = hidden[:, :-1].flatten(0, 1), targets.flatten()
     pieces = [torch.utils.checkpoint.checkpoint(_chunk_token_logps, hidden[i : i + chunk], flat[i : i + chunk], head.weight,
                                                 head.bias, use_reentrant=False) for i in range(0, flat.numel(), chunk)]
