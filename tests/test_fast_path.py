@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 from budgetune import attention, fastpath
 from budgetune.config import OptimConfig, load_config
 from budgetune.errors import ConfigError
-from budgetune.evaluate import token_losses
+from budgetune.lm_loss import token_losses
 from budgetune.optim import build_optimizer
 from budgetune.plan.memory import estimate_memory, liger_loss_bytes, architecture
 from budgetune.plan.recipe import Recipe

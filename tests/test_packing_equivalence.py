@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Qwen2
 
 from budgetune.data import build_rows
 from budgetune.data.tokenize import TokenizedSet
-from budgetune.evaluate import token_losses
+from budgetune.lm_loss import token_losses
 
 VOCAB = 97
 
@@ -75,7 +75,7 @@ def test_no_cross_example_attention():
     starts = np.flatnonzero(batch["position_ids"][0].numpy() == 0)
     boundary = int(starts[1])
     # use_cache=False matters: with a KV cache transformers does not derive the packed mask
-    # from position_ids (budgetune.evaluate.token_losses always passes it)
+    # from position_ids (budgetune.lm_loss.token_losses always passes it)
     with torch.no_grad():
         base = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
         changed = batch["input_ids"].clone()

@@ -249,3 +249,33 @@ def test_train_races_only_when_tune_fraction_is_set(tmp_path):
     assert race_fraction(again) == DEFAULT_FRACTION
     asked = load_config({"model": {"init": "scratch", "preset": "llama-test"}, "data": {"train": ["x.txt"]}, "budget": {"steps": 1}, "tune": {"fraction": 0.2}})
     assert claims(asked, extend=False) and not claims(asked, extend=True) and race_fraction(asked) == 0.2
+
+
+def test_train_from_python_and_the_command_line_races_when_tune_fraction_is_set(tmp_path, monkeypatch):
+    """`budgetune.train` and `budgetune train` go to the race when tune.fraction is set (not on --extend), else to one
+    run; train.py itself never reads tune.fraction (tune.py calls it, not the other way round)."""
+    import importlib
+
+    import budgetune
+    from budgetune.cli import main
+
+    tune_module = importlib.import_module("budgetune.tune")  # the module: `budgetune.tune` is the function
+    calls = []
+    monkeypatch.setattr(tune_module, "tune", lambda cfg, **kw: calls.append(("race", cfg.tune.fraction, kw)) or {})
+    monkeypatch.setattr(tune_module, "train", lambda cfg, **kw: calls.append(("run", cfg.tune.fraction, kw)) or {})
+    base = {"model": {"init": "scratch", "preset": "llama-test"}, "data": {"train": ["x.txt"]}, "budget": {"steps": 1}}
+    asked = {**base, "tune": {"fraction": 0.2}}
+    budgetune.train(asked, quiet=True)
+    budgetune.train(base, quiet=True)
+    budgetune.train(asked, resume=True, extend=True, quiet=True)  # a finished run trained further: no race
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(base))
+    assert main(["train", str(path), "--tune.fraction", "0.25", "--quiet"]) == 0
+    assert main(["train", str(path), "--quiet"]) == 0
+    assert calls == [
+        ("race", 0.2, {"resume": False, "overwrite": False, "quiet": True}),
+        ("run", None, {"resume": False, "extend": False, "overwrite": False, "quiet": True}),
+        ("run", 0.2, {"resume": True, "extend": True, "overwrite": False, "quiet": True}),
+        ("race", 0.25, {"resume": False, "overwrite": False, "quiet": True}),
+        ("run", None, {"resume": False, "extend": False, "overwrite": False, "quiet": True}),
+    ]

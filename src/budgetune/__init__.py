@@ -13,7 +13,7 @@ from .export import export
 from .models import fetch
 from .plan.search import make_plan as plan
 from .report import report
-from .train import train
+from .tune import train_or_race as train  # one run, or the race first when tune.fraction is set (tune.py)
 from .tune import tune
 
 __version__ = "0.1.0"

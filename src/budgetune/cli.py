@@ -117,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         if rest and args.command not in ("train", "tune", "demo", "plan"):
             raise BudgetuneError(f"unexpected arguments: {' '.join(rest)}")
         if args.command == "train":
-            from .train import train
+            from .tune import train_or_race
 
-            train(args.config, rest, resume=args.resume or args.extend, extend=args.extend, overwrite=args.overwrite, quiet=args.quiet)
+            train_or_race(args.config, rest, resume=args.resume or args.extend, extend=args.extend, overwrite=args.overwrite, quiet=args.quiet)
         elif args.command == "tune":
             from .tune import tune
 

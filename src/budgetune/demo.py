@@ -23,12 +23,12 @@ def demo(overrides=None, overwrite: bool = True, quiet: bool = False, which: str
     if which == "chat":
         return demo_chat(overrides, overwrite=overwrite, quiet=quiet)
     from .evaluate import generate_samples, load_trained
-    from .train import train
+    from .tune import train_or_race
 
     cfg = load_config(builtin_config("demo"), overrides)
     say("[bold]budgetune demo[/]: a tiny Llama learns Python from the standard library's sources, "
         f"within a {cfg.budget.time or cfg.budget.describe()} budget. No downloads.", not quiet)
-    summary = train(cfg, overwrite=overwrite, quiet=quiet)
+    summary = train_or_race(cfg, overwrite=overwrite, quiet=quiet)
     model, tokenizer, _ = load_trained(summary["run_dir"])
     samples = generate_samples(model, tokenizer, cfg.eval.prompts, cfg.eval.sample_tokens, "cpu", cfg.eval.temperature,
                                cfg.eval.repetition_penalty, cfg.train.seed)
@@ -55,7 +55,7 @@ def demo_chat(overrides=None, overwrite: bool = True, quiet: bool = False) -> di
     from .evaluate import load_trained
     from .fetch import cache_root
     from .models import load_model, load_tokenizer
-    from .train import train
+    from .tune import train_or_race
 
     data = read_yaml(builtin_config("demo_chat"))
     train_file, eval_file, held = stdlib_api_chat(cache_root() / "demo-chat", heldout=CHAT_HELDOUT)
@@ -70,7 +70,7 @@ def demo_chat(overrides=None, overwrite: bool = True, quiet: bool = False) -> di
     say(f"the base model answers {len(questions)} held-out questions ...", not quiet)
     before = chat_answers(base, tokenizer, questions, CHAT_ANSWER_TOKENS)
     del base
-    summary = train(cfg, overwrite=overwrite, quiet=quiet)
+    summary = train_or_race(cfg, overwrite=overwrite, quiet=quiet)
     tuned, tokenizer, _ = load_trained(summary["run_dir"])
     if hasattr(tuned, "merge_and_unload"):
         tuned = tuned.merge_and_unload()  # the same function; generation runs without the adapter's extra matmuls

@@ -6,11 +6,11 @@
   AdamW, so small updates are not rounded away — optim/__init__.py picks it for bf16 weights).
 - `model.liger`: Liger Kernel's Triton kernels (RMSNorm, SwiGLU, RoPE patched into the model
   by Liger's own `_apply_liger_kernel_to_instance`, and its fused linear + cross-entropy used
-  by evaluate.token_losses), on CUDA when the `liger-kernel` package is installed; otherwise
-  our chunked head + loss (evaluate.py).
+  by lm_loss.token_losses), on CUDA when the `liger-kernel` package is installed; otherwise
+  our chunked head + loss (lm_loss.py).
 - `train.compile`: torch.compile of each decoder layer in place (`Module.compile`: the
   module keeps its parameter names, so checkpoints and saved models are unchanged; the head
-  and the loss stay eager, where evaluate.token_losses swaps the head for the chunked loss).
+  and the loss stay eager, where lm_loss.token_losses swaps the head for the chunked loss).
 
 Nothing here imports a CUDA-only package unless the device is CUDA and it is asked for.
 """
@@ -22,6 +22,7 @@ import importlib.util
 import torch
 
 from .errors import ConfigError
+from .layers import decoder_layers
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "pure-bf16")
 COMPILE_MIN_BUDGET_S = 600  # auto: compiling a 0.5-1.5B model costs about a minute; not worth it on shorter runs
@@ -58,7 +59,7 @@ def use_liger(cfg, device_type: str) -> bool:
 
 def apply_liger(model, cfg, device_type: str) -> list[str]:
     """Patch Liger's RMSNorm, SwiGLU and RoPE kernels into `model` (before any adapter wraps it) and
-    attach its fused linear + cross-entropy to the LM head for evaluate.token_losses. The kernels
+    attach its fused linear + cross-entropy to the LM head for lm_loss.token_losses. The kernels
     applied; [] when Liger does not run here."""
     if not use_liger(cfg, device_type):
         return []
@@ -73,7 +74,7 @@ def apply_liger(model, cfg, device_type: str) -> list[str]:
 
 
 def attach_fused_loss(model, loss_fn) -> None:
-    """`loss_fn(weight, hidden [N, H], targets [N], bias) → summed loss`, used by evaluate.token_losses
+    """`loss_fn(weight, hidden [N, H], targets [N], bias) → summed loss`, used by lm_loss.token_losses
     in place of the head + cross-entropy. Kept as a plain attribute of the head (not a submodule:
     nothing changes in the state dict or the saved model)."""
     head = model.get_output_embeddings()
@@ -100,9 +101,7 @@ def use_compile(cfg, device_type: str) -> bool:
 def compile_layers(model) -> int:
     """torch.compile each decoder layer in place; the number compiled. Identical layers share one
     compiled graph, so the compile time is that of one layer, not of the whole stack."""
-    from .plan.memory import _decoder_layers
-
-    layers = _decoder_layers(model)  # a peft wrapper exposes the base config and modules too
+    layers = decoder_layers(model)
     for layer in layers:
         layer.compile()
     return len(layers)

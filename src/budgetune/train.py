@@ -63,12 +63,9 @@ def train(config: str | Path | dict | Config | None = None, overrides=None, *, r
     """Train within the budget; return the run summary (also written to RUN_DIR/summary.json).
 
     `resume` continues a stopped run from its newest intact checkpoint; `extend` (with `resume`)
-    continues a finished run on a larger budget."""
+    continues a finished run on a larger budget. One run: tune.fraction is not read here —
+    `budgetune train` and `budgetune.train` are tune.train_or_race, which races first when it is set."""
     cfg = load_config(config, overrides)
-    from .tune import claims, tune
-
-    if claims(cfg, extend):  # tune.fraction set: race recipes on that share of the budget first (tune.py)
-        return tune(cfg, resume=resume, overwrite=overwrite, quiet=quiet)
     quiet_libraries()
     run_dir = RunDir(Path(cfg.output.dir))
     accelerator = _accelerator(cfg, run_dir)

@@ -2,6 +2,7 @@
 (issue 16; METHODS.md §9).
 
     tune()             the command (`budgetune tune CONFIG`, or `train` with tune.fraction set)
+    train_or_race()    `budgetune train` and `budgetune.train`: tune() when tune.fraction is set, else one train.train()
     race_space()       candidates: the planner's recipes that fit × an LR log grid × adapter rank × methods/optimizers,
                        with the keys the user pinned left pinned, shrunk to what the race budget affords
     rung_sizes(), successive_halving()
@@ -53,6 +54,7 @@ from .config import Config, dump_config, load_config
 from .console import console, quiet_libraries, say
 from .errors import BudgetuneError, Interrupted
 from .rundir import RunDir
+from .train import train
 from .units import format_count, format_duration, parse_count, parse_duration
 
 STATE = "tune.json"  # the race's state in the run folder: the candidates, every reading, the winner
@@ -192,6 +194,16 @@ def claims(cfg: Config, extend: bool) -> bool:
     return cfg.tune.fraction is not None and not extend
 
 
+def train_or_race(config=None, overrides=None, *, resume: bool = False, extend: bool = False, overwrite: bool = False,
+                  quiet: bool = False) -> dict:
+    """`budgetune train` and `budgetune.train`: the race first when tune.fraction is set (`claims`), else one run
+    (train.train). Here, above train.py, so that the loop never imports the race that calls it."""
+    cfg = load_config(config, overrides)
+    if claims(cfg, extend):
+        return tune(cfg, resume=resume, overwrite=overwrite, quiet=quiet)
+    return train(cfg, resume=resume, extend=extend, overwrite=overwrite, quiet=quiet)
+
+
 def tune(config=None, overrides=None, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> dict:
     """Race candidate recipes on tune.fraction of the budget, then train the winner on the rest in output.dir.
     Returns the run summary (summary.json), with the race under `tune`."""
@@ -200,9 +212,7 @@ def tune(config=None, overrides=None, *, resume: bool = False, overwrite: bool =
     run_dir = RunDir(Path(cfg.output.dir))
     state_path = run_dir.path / STATE
     overwrite = overwrite or cfg.output.overwrite
-    if resume and not state_path.exists() and run_dir.config.exists():
-        from .train import train  # a race that found nothing to race left an ordinary run: resume it
-
+    if resume and not state_path.exists() and run_dir.config.exists():  # a race that found nothing to race left an ordinary run
         return train(_without_tune(cfg), resume=True, quiet=quiet)
     if resume and not state_path.exists():
         if run_dir.path.exists() and run_dir.is_run() and not run_dir.config.exists():
@@ -518,8 +528,6 @@ class Race:
     def _call(self, t: dict, folder: Path, target: int, schedule: dict, resume: bool | None = None) -> tuple[dict, float, float]:
         """One train() call: trial t's folder trained up to `target` tokens. Idempotent: a call that finished before a
         kill is read back, one that was killed resumes."""
-        from .train import train
-
         d = self._base_dict()
         _merge(d, copy.deepcopy(t["overrides"]))
         d["schedule"].update(schedule)
@@ -575,8 +583,6 @@ class Race:
     # --- the winner --------------------------------------------------------------------------------------------
     def train_winner(self) -> dict:
         """The winner continues from its trial state in the run folder, on what is left of the budget."""
-        from .train import train
-
         st = self.state
         w = st["trials"][st["winner"]]
         if "winner_config" not in st:
@@ -630,8 +636,6 @@ class Race:
 
     def train_without_race(self) -> dict:
         """Nothing to race (everything pinned, or a budget too small for two trials): the config as `train` runs it."""
-        from .train import train
-
         cfg, st = _without_tune(self.cfg), self.state
         if st["unit"] == "seconds":  # the planning above was paid from the budget
             left = st["budget"]["time_s"] - self.clock.elapsed()

@@ -21,9 +21,9 @@ from typing import Literal
 
 import torch
 
+from ..layers import decoder_layers
 from ..method_options import MethodOptions
 from . import Method, register
-from .lisa import decoder_layers
 
 
 @dataclass

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..layers import decoder_layers
 from ..method_options import MethodOptions
 from . import Method, register
-from .lisa import decoder_layers
 
 
 @dataclass

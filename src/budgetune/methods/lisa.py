@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..layers import decoder_layers
 from ..method_options import MethodOptions
 from . import Method, register
 
@@ -23,13 +24,6 @@ class LisaOptions(MethodOptions):
     layers: int = 2  # γ: decoder layers trained at a time
     interval: int = 20  # K: optimizer steps between samples
     seed: int = 0
-
-
-def decoder_layers(model) -> torch.nn.ModuleList:
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == model.config.num_hidden_layers:
-            return module
-    raise ValueError(f"LISA: no list of {model.config.num_hidden_layers} decoder layers in {type(model).__name__}")
 
 
 def active_layers(n_layers: int, opts: LisaOptions, step: int) -> list[int]:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import IGNORE
-from ..evaluate import token_logps
+from ..lm_loss import token_logps
 
 
 class Objective:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..data import IGNORE
-from ..evaluate import token_losses
+from ..lm_loss import token_losses
 from .base import Objective
 
 

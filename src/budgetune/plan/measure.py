@@ -2,7 +2,7 @@
 
     measure_step_memory(config_dict, recipe, device="cpu") -> {"peak_bytes", "baseline_bytes", "step_seconds", ...}
 
-The step is the one `train.py` runs — forward, the loss exactly as `evaluate.token_losses`
+The step is the one `train.py` runs — forward, the loss exactly as `lm_loss.token_losses`
 computes it, backward (scaled like train.py), gradient clipping, `optimizer.step()`,
 `zero_grad(set_to_none=True)` — on a random-init model built from `config_dict`, with
 the method, gradient checkpointing and optimizer of `recipe`. It runs in a child process
@@ -155,7 +155,7 @@ def _child(request: dict) -> dict:
     from transformers import AutoModelForCausalLM, CONFIG_MAPPING
 
     from ..config import OptimConfig
-    from ..evaluate import token_losses
+    from ..lm_loss import token_losses
     from ..methods import get_method
     from ..optim import build_optimizer
 

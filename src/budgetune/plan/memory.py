@@ -11,7 +11,7 @@ of these moments (steady state, i.e. from the second optimizer step on, when the
 moments already exist):
 
 1. **loss** — end of forward: weights + optimizer states + every saved activation + the
-   logits and the loss buffers (`evaluate.token_losses`: the [B,T,V] logits, the
+   logits and the loss buffers (`lm_loss.token_losses`: the [B,T,V] logits, the
    non-contiguous `logits[:, :-1]` flattened into a copy, the log-softmax output that
    cross-entropy saves; in backward the same three-buffer peak recurs as the nll grad,
    the log-softmax grad and the saved output).
@@ -102,6 +102,7 @@ import json
 from dataclasses import dataclass, field
 
 from ..attention import MASK_FREE
+from ..layers import decoder_layers
 from .recipe import Recipe, prepare_method
 
 MiB = 2**20
@@ -214,7 +215,7 @@ def _architecture(key: str, config) -> _Arch:
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is embedding
     unique = {id(p): p for p in model.parameters()}
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     layer = layers[0]
     layer_params = list(layer.parameters())
     linears = tuple(
@@ -242,15 +243,6 @@ def _architecture(key: str, config) -> _Arch:
     )
     _ARCH_CACHE[key] = arch
     return arch
-
-
-def _decoder_layers(model):
-    import torch
-
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == model.config.num_hidden_layers:
-            return module
-    raise ValueError(f"no decoder layer list found in {type(model).__name__}")
 
 
 def lora_linears(arch: _Arch, targets: tuple[str, ...]) -> list[_Linear]:
@@ -474,9 +466,9 @@ def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_b
     post = tokens * post_activation_elements(arch) * act
     float_mask = b * t * t * act if masked else 0  # per layer, saved by SDPA
     bool_mask = b * t * t if masked else 0
-    # evaluate.token_losses: [tokens, V] fp32 logits, a float copy and the log-softmax — or, with
+    # lm_loss.token_losses: [tokens, V] fp32 logits, a float copy and the log-softmax — or, with
     # the chunked head + loss of large vocabularies, those three for one chunk of tokens at a time
-    from ..evaluate import loss_chunk
+    from ..lm_loss import loss_chunk
 
     chunk = loss_chunk(config)
     logits = 3 * (min(tokens, chunk) if chunk else tokens) * arch.vocab * 4

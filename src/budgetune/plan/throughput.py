@@ -79,7 +79,7 @@ def probe(model, recipe: Recipe, fpt: float, steps: int = 2, device: torch.devic
     growing its heap (measured: the first candidate of a plan probed at 645 tokens/s after one
     warm-up pass, the others at 2.9–3.2 k). So untimed passes run until one is no more than
     10% faster than the one before (at least 2, at most WARMUP_MAX)."""
-    from ..evaluate import token_losses
+    from ..lm_loss import token_losses
 
     device = device or next(model.parameters()).device
     vocab = model.get_input_embeddings().weight.shape[0]
