@@ -11,7 +11,9 @@ with the body of another function of similar length. Train and held-out pairs ar
 
 The model: SmolLM2-135M-Instruct (`budgetune fetch smollm2-135m-instruct`; --model is its dequantised
 folder, by default the one `fetch` cached under ~/.cache/budgetune/gguf/). LoRA r16 on every linear
-layer, β 0.1, lr 2e-4 for both tools, two pairs per step.
+layer, β 0.1, lr 2e-4 for both tools. TRL takes two pairs per step (padded); budgetune packs
+whole pairs into 1,024-token rows, one row per step (~3.7 of these pairs), unless
+--pairs-per-step N gives it TRL's shape (one pair per row, N rows per step).
 
 Equal wall-clock: budgetune gets budget.time = --seconds for its whole train command after model
 load (planning, data, evals, the final save included); TRL's DPOTrainer is stopped by a callback
@@ -236,6 +238,8 @@ def main() -> None:
     ap.add_argument("--train-pairs", type=int, default=600)
     ap.add_argument("--out", type=Path, default=Path("runs/bench-preference"))
     ap.add_argument("--seed", type=int, default=0, help="train.seed / TRL's seed (data order, adapter init); the pairs stay the same")
+    ap.add_argument("--pairs-per-step", type=int, default=None,
+                    help="budgetune with this many pairs per optimizer step, one per row (TRL's shape) instead of packed rows")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: trl, orpo, simpo, layout")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -249,7 +253,9 @@ def main() -> None:
     runs += [] if "orpo" in skip else [("budgetune ORPO", {"name": "orpo", "odds_weight": 0.1})]
     runs += [] if "simpo" in skip else [("budgetune SimPO", {"name": "simpo", "beta": 2.0, "gamma": 1.0})]
     for label, objective in runs:
-        s = train_in_process(budgetune_config(model, train, held, args.out, objective, args.seconds, args.seed),
+        # --pairs-per-step: TRL's batch shape (one pair per row, padded) instead of packed 1,024-token rows
+        shape = {"data": {"pack": False}, "train": {"micro_batch": args.pairs_per_step, "batch_tokens": None}} if args.pairs_per_step else {}
+        s = train_in_process(budgetune_config(model, train, held, args.out, objective, args.seconds, args.seed, **shape),
                              args.out / f"budgetune-{objective['name']}")
         run_dir = Path(s["run_dir"])
         ev = in_child("eval", args.out, tag=objective["name"], model=model, adapter=run_dir / "model", held=held, out=args.out,
