@@ -317,3 +317,27 @@ def test_plan_says_when_budget_memory_in_gb_means_powers_of_ten(tmp_path):
     assert plan.memory_budget == 24 * 10**9
     note = next(n for n in plan.notes if n.startswith("budget.memory"))
     assert "22.35 GiB = 24.00 GB" in note and "write GiB" in note
+
+
+def test_time_budget_speed_counts_the_dpo_reference_forward(tmp_path, monkeypatch):
+    """The speed a time budget is checked against (`measured_tokens_per_s`: does the budget buy a step,
+    how many, which batch) is the probe's next-token speed slowed by the reference forward a DPO step
+    with an adapter also runs — not the bare probe speed. SFT (and ORPO: no reference) keep it."""
+    import sys
+
+    from budgetune.plan.throughput import ProbeResult
+
+    from helpers import write_preference_jsonl
+
+    search = sys.modules["budgetune.plan.search"]  # (budgetune.plan is also a function's name on the package)
+    monkeypatch.setattr(search, "probe", lambda model, recipe, fpt, steps, device: ProbeResult(1000.0, 1000.0 * fpt, 0.1))
+    data = write_preference_jsonl(tmp_path / "p.jsonl", n=8)
+    speeds = {}
+    for objective in ("dpo", "orpo"):
+        cfg = load_config(tiny_config(tmp_path, data, objective={"name": objective}, method={"name": "lora", "r": 4},
+                                      budget={"time": "60s"}))
+        plan = make_plan(cfg, probe_steps=0, log=lambda m: None, measure_batch_speed=True)
+        speeds[objective] = plan.measured_tokens_per_s
+    assert speeds["orpo"] == pytest.approx(1000.0)
+    # a reference forward is ~1/3 of a forward+backward step: the DPO step is slower by about that
+    assert 1000.0 / 1.6 < speeds["dpo"] < 1000.0 / 1.15, speeds
