@@ -254,7 +254,9 @@ def main() -> None:
     runs += [] if "simpo" in skip else [("budgetune SimPO", {"name": "simpo", "beta": 2.0, "gamma": 1.0})]
     for label, objective in runs:
         # --pairs-per-step: TRL's batch shape (one pair per row, padded) instead of packed 1,024-token rows
-        shape = {"data": {"pack": False}, "train": {"micro_batch": args.pairs_per_step, "batch_tokens": None}} if args.pairs_per_step else {}
+        # (batch_tokens pinned to those rows, as the packed default pins one row: no planner probe paid from the budget)
+        shape = {"data": {"pack": False}, "train": {"micro_batch": args.pairs_per_step, "batch_tokens": args.pairs_per_step * 1024}} \
+            if args.pairs_per_step else {}
         s = train_in_process(budgetune_config(model, train, held, args.out, objective, args.seconds, args.seed, **shape),
                              args.out / f"budgetune-{objective['name']}")
         run_dir = Path(s["run_dir"])
