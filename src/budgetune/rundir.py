@@ -127,15 +127,18 @@ class RunDir:
     def finished(self) -> bool:
         return self.summary.exists()
 
-    def discard(self) -> None:
+    def discard(self, previous: Path | None = None) -> None:
         """Remove the run folder of a run that failed before it got under way, and the parent
-        folders prepare() created for it when they are left empty (no empty runs/ behind)."""
+        folders prepare() created for it when they are left empty (no empty runs/ behind); then put
+        back `previous`, the old run prepare() moved aside for --overwrite, if it is still there."""
         shutil.rmtree(self.path, ignore_errors=True)
         for parent in getattr(self, "_made_parents", []):  # nearest first
             try:
                 parent.rmdir()
             except OSError:  # not empty (another run is in it) or already gone
                 break
+        if previous is not None and previous.exists():
+            os.replace(previous, self.path)
 
     def read_summary(self) -> dict:
         if not self.summary.exists():

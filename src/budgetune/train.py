@@ -97,9 +97,7 @@ def train(config: str | Path | dict | Config | None = None, overrides=None, *, r
         # bad config or data found after the folder was made, or a failure before the run got under
         # way: leave nothing behind, and put back the run --overwrite was replacing
         if main and not resume and (isinstance(e, BudgetuneError) or (previous is not None and previous.exists())):
-            run_dir.discard()  # and the empty parent folders it made
-            if previous is not None and previous.exists():
-                os.replace(previous, run_dir.path)
+            run_dir.discard(previous)  # and the empty parent folders it made
         raise
     finally:
         if lock is not None:

@@ -253,9 +253,7 @@ def tune(config=None, overrides=None, *, resume: bool = False, overwrite: bool =
                           e.exit_code - 128) from None
     except BudgetuneError:
         if state is None:  # bad config or data found while planning: leave nothing behind
-            run_dir.discard()
-            if previous is not None and previous.exists():
-                os.replace(previous, run_dir.path)
+            run_dir.discard(previous)
         raise
     finally:
         if lock is not None:
