@@ -256,7 +256,7 @@ def race(work: Path, name: str, seconds: float, seed: int, lr: float, peers: lis
     # tokenise (and train the tokenizer) once before anyone's clock starts: every contestant reads the cache
     in_process("warm", {"config": {**cfg, "budget": {"time": f"{seconds}s"}, "output": {"dir": str(work / "unused")}}})
     out = []
-    for kind in ([] if peers_only else ["budgetune", "budgetune_half"]) + (peers or PEERS[name]):
+    for kind in ([] if peers_only else ["budgetune", "budgetune_half"]) + (PEERS[name] if peers is None else peers):
         try:
             if kind.startswith("budgetune"):
                 t = seconds / 2 if kind == "budgetune_half" else seconds
@@ -270,7 +270,7 @@ def race(work: Path, name: str, seconds: float, seed: int, lr: float, peers: lis
                       "tokens_per_step": 0, "recipe": {"micro_batch": 0, "grad_accum": 0}, "lr": 0, "evals": []}
         out.append({"race": name, "seed": seed, "seconds": seconds, "contestant": kind, **result})
         print(json.dumps(out[-1]), flush=True)
-    if not peers_only:
+    if not peers_only and len(out) > 2:
         best_peer = min(out[2:], key=lambda r: r["eval_loss"])
         out[0]["best_peer_loss"] = out[1]["best_peer_loss"] = best_peer["eval_loss"]
     return out
@@ -316,7 +316,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=150)
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--races", default="finetune-full,pretrain,finetune-lora")
-    ap.add_argument("--peers", help="comma-separated subset of the peers (default: all for each race)")
+    ap.add_argument("--peers", help="comma-separated subset of the peers (default: all for each race; none: budgetune only)")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--peers-only", action="store_true", help="run only the peers (to add or repeat one)")
     ap.add_argument("--work", help="work folder (reuses its base model, data and caches)")
@@ -334,7 +334,7 @@ def main() -> None:
     rows = []
     for name in args.races.split(","):
         for seed in [int(s) for s in args.seeds.split(",")]:
-            rows += race(work, name, args.seconds, seed, args.lr, args.peers.split(",") if args.peers else None, args.peers_only)
+            rows += race(work, name, args.seconds, seed, args.lr, ([] if args.peers == "none" else args.peers.split(",")) if args.peers else None, args.peers_only)
     print()
     print(table(rows))
     for r in rows:

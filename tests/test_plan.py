@@ -137,6 +137,10 @@ def test_batch_rule_on_hand_computed_cases():
     assert batch_tokens_for(1e6, scratch=True) == pytest.approx(0.58 * 10 ** (6 * 0.571))  # 1,546.8
     assert batch_tokens_for(1e6, scratch=True) == pytest.approx(1546.8, rel=1e-3)
     assert batch_tokens_for(100, scratch=True) == 256  # a floor: a step of a handful of tokens is noise
+    # fine-tuning: a third of Step Law's constant (the batch sweeps of docs/benchmarks.md)
+    assert batch_tokens_for(1e6, scratch=False) == pytest.approx(0.19 * 10 ** (6 * 0.571))  # 506.7
+    assert batch_tokens_for(1e6, scratch=False) == pytest.approx(506.7, rel=1e-3)
+    assert batch_tokens_for(1e5, scratch=False) == 256  # 136 tokens → the floor
     assert step_law_lr(1e6, 1e6) == pytest.approx(1.79 * 10 ** (6 * (0.307 - 0.713)))  # 6.56e-3
     # a token budget: D is the budget
     choice = choose_batch(Budget(tokens=1e6), None, 6e6, seq_len=512, world=1, scratch=True)
@@ -149,6 +153,16 @@ def test_batch_rule_on_hand_computed_cases():
     assert choice.rows_per_step == 2
     assert choice.lr == pytest.approx(step_law_lr(1e6, 540_000))
     assert "because the budget buys ~540k tokens" in choice.describe(512)
+    # fine-tuning at the same budget: 0.19 · 540k^0.571 = 356 tokens → one row of 512, the LR stays optim.lr
+    choice = choose_batch(Budget(time_s=150), 4000.0, 6e6, seq_len=512, world=1, scratch=False,
+                          non_embedding_params=1e6, choose_lr=True)
+    assert choice.batch_tokens == int(0.19 * 540_000 ** 0.571) == 356
+    assert choice.rows_per_step == 1 and choice.lr is None
+    assert "fine-tuning rule B = 0.19·D^0.571 = 356" in choice.describe(512)
+    # ten minutes at 7,700 tokens/s (D = 4.16M): 1,140 tokens → two rows of 512 (Step Law would take seven)
+    choice = choose_batch(Budget(time_s=600), 7700.0, 6e6, seq_len=512, world=1, scratch=False)
+    assert choice.rows_per_step == 2
+    assert choose_batch(Budget(time_s=600), 7700.0, 6e6, seq_len=512, world=1, scratch=True).rows_per_step == 7
     # the smallest of several budgets decides; two processes get whole rows each
     choice = choose_batch(Budget(time_s=150, tokens=2e5), 4000.0, 6e6, seq_len=256, world=2, scratch=True)
     assert choice.tokens_in_budget == 2e5 and choice.rows_per_step % 2 == 0
