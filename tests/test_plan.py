@@ -141,7 +141,8 @@ def test_batch_rule_on_hand_computed_cases():
     assert batch_tokens_for(1e6, scratch=False) == pytest.approx(0.19 * 10 ** (6 * 0.571))  # 506.7
     assert batch_tokens_for(1e6, scratch=False) == pytest.approx(506.7, rel=1e-3)
     assert batch_tokens_for(1e5, scratch=False) == 256  # 136 tokens → the floor
-    assert step_law_lr(1e6, 1e6) == pytest.approx(1.79 * 10 ** (6 * (0.307 - 0.713)))  # 6.56e-3
+    assert step_law_lr(1e9, 1e10) == pytest.approx(1.79 * 1e9**-0.713 * 1e10**0.307)  # 5.5e-4: the law as published
+    assert step_law_lr(1e6, 1e6) == 1.5e-3  # the law says 6.56e-3 for a 1M-parameter model: capped
     # a token budget: D is the budget
     choice = choose_batch(Budget(tokens=1e6), None, 6e6, seq_len=512, world=1, scratch=True)
     assert choice.tokens_in_budget == 1e6 and choice.rows_per_step == 3  # 1,547 / 512 → 3 rows
@@ -151,7 +152,8 @@ def test_batch_rule_on_hand_computed_cases():
     assert choice.tokens_in_budget == pytest.approx(540_000)
     assert choice.batch_tokens == int(0.58 * 540_000 ** 0.571)  # 1,087
     assert choice.rows_per_step == 2
-    assert choice.lr == pytest.approx(step_law_lr(1e6, 540_000))
+    assert choice.lr == 1.5e-3 and choice.lr_step_law == pytest.approx(1.79 * 1e6**-0.713 * 540_000**0.307)  # 5.4e-3
+    assert "peak LR 0.0015 (Step Law: 1.79·N^−0.713·D^0.307 = 0.00543, capped at 0.0015)" in choice.describe(512)
     assert "because the budget buys ~540k tokens" in choice.describe(512)
     # fine-tuning at the same budget: 0.19 · 540k^0.571 = 356 tokens → one row of 512, the LR stays optim.lr
     choice = choose_batch(Budget(time_s=150), 4000.0, 6e6, seq_len=512, world=1, scratch=False,

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from budgetune.plan.scaling import chinchilla, effective_tokens, propose_scratch, scratch_architecture, step_law
+from budgetune.plan.scaling import chinchilla, effective_tokens, propose_scratch, scratch_architecture, scratch_lr, step_law
 
 
 def test_chinchilla_is_20_tokens_per_parameter():
@@ -26,6 +26,10 @@ def test_step_law():
     lr, batch = step_law(1e8, 2e9)
     assert lr == pytest.approx(1.79 * 1e8**-0.713 * 2e9**0.307)
     assert batch == pytest.approx(0.58 * 2e9**0.571)
+    # the planner's LR from scratch: the law's (2.5e-3 here); below 50M parameters at most 1.5e-3
+    assert scratch_lr(1e8, 2e9) == pytest.approx(lr) and lr > 1.5e-3
+    assert scratch_lr(2e6, 2e6) == 1.5e-3 < step_law(2e6, 2e6)[0]
+    assert "capped at 0.0015" in " ".join(propose_scratch(1e13).reasoning)
 
 
 def test_small_corpus_moves_the_optimum_to_a_larger_model():

@@ -5,7 +5,9 @@ below the critical batch size; at small budgets more, smaller steps give a lower
 planner chooses the batch from D, not from throughput:
 
 - pre-training from scratch: Step Law (Li et al., "Predictable Scale", METHODS.md §2) —
-  B = 0.58 · D^0.571 tokens and η = 1.79 · N^−0.713 · D^0.307 (N non-embedding parameters);
+  B = 0.58 · D^0.571 tokens and η = 1.79 · N^−0.713 · D^0.307 (N non-embedding parameters), η at
+  most 1.5e-3 below 50M parameters (scaling.STEP_LAW_MAX_LR: extrapolated to models that small, the
+  law overshoots ~4×);
 - fine-tuning a pretrained model: B = 0.19 · D^0.571 (FINETUNE_BATCH) — Step Law's exponent with a
   constant a third of its own, measured: at equal wall-clock (150 s, ~1M tokens, two seeds) on
   data nobody tuned for, 512 tokens per step beat Step Law's ~1.5k by 0.16–0.25 nats (full FT) and
@@ -22,7 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-STEP_LAW_BATCH = (0.58, 0.571)  # B = a · D^b (tokens)
+from .scaling import STEP_LAW_BATCH, STEP_LAW_MAX_LR, scratch_lr, step_law
+
 FINETUNE_BATCH = (0.19, 0.571)  # fine-tuning: a third of Step Law's constant, from the batch sweeps in docs/benchmarks.md
 MIN_BATCH_TOKENS = 256  # below this a step's gradient is mostly noise, whatever the budget
 TIME_OVERHEAD = 0.9  # share of a time budget expected to go to optimizer steps (data, evals, saves take the rest)
@@ -36,13 +39,17 @@ class BatchChoice:
     basis: str  # where D came from ("budget.tokens", "time × predicted tokens/s", ...)
     rule: str  # which rule, with its numbers
     lr: float | None = None  # a learning rate to go with it; None = keep optim.lr
+    lr_step_law: float | None = None  # Step Law's LR before the cap (when `lr` came from it)
 
     def describe(self, seq_len: int) -> str:
         """One line for `plan` and the train log."""
         text = (f"batch {_short(self.rows_per_step * seq_len)} tokens/step ({self.rows_per_step} × {seq_len}) because "
                 f"the budget buys ~{_short(self.tokens_in_budget)} tokens ({self.basis}); {self.rule}")
         if self.lr is not None:
-            text += f"; peak LR {self.lr:.3g} (Step Law: 1.79·N^−0.713·D^0.307)"
+            law = f"Step Law: 1.79·N^−0.713·D^0.307"
+            if self.lr_step_law is not None and self.lr < self.lr_step_law:
+                law += f" = {self.lr_step_law:.3g}, capped at {STEP_LAW_MAX_LR:.3g}"
+            text += f"; peak LR {self.lr:.3g} ({law})"
         return text
 
 
@@ -61,7 +68,8 @@ def batch_tokens_for(tokens: float, scratch: bool) -> float:
 
 
 def step_law_lr(non_embedding_params: float, tokens: float) -> float:
-    return 1.79 * non_embedding_params**-0.713 * tokens**0.307
+    """The planner's peak LR from scratch (Step Law's, capped)."""
+    return scratch_lr(non_embedding_params, tokens)
 
 
 def tokens_the_budget_buys(budget, tokens_per_s: float | None, flops_per_token: float) -> tuple[float, str] | None:
@@ -90,8 +98,10 @@ def choose_batch(budget, tokens_per_s: float | None, flops_per_token: float, seq
     rows = max(world, int(round(target / (seq_len * world))) * world)
     a, b = STEP_LAW_BATCH if scratch else FINETUNE_BATCH
     rule = (f"Step Law B = {a}·D^{b}" if scratch else f"fine-tuning rule B = {a}·D^{b}") + f" = {target:,.0f}"
-    lr = step_law_lr(non_embedding_params, tokens) if (scratch and choose_lr and non_embedding_params) else None
-    return BatchChoice(int(target), rows, tokens, basis, rule, lr)
+    lr = law_lr = None
+    if scratch and choose_lr and non_embedding_params:
+        lr, law_lr = step_law_lr(non_embedding_params, tokens), step_law(non_embedding_params, tokens)[0]
+    return BatchChoice(int(target), rows, tokens, basis, rule, lr, law_lr)
 
 
 def rows_from_batch_tokens(batch_tokens: float, seq_len: int, world: int) -> int:

@@ -31,9 +31,25 @@ def effective_tokens(unique: float, total: float) -> float:
     return unique + unique * R_STAR * (1.0 - math.exp(-repeats / R_STAR))
 
 
+STEP_LAW_BATCH = (0.58, 0.571)  # B = a · D^b (tokens)
+# Step Law's LR extrapolated to models far below the sizes it was fitted on (hundreds of millions of
+# parameters and up) overshoots: for llama-tiny (N ≈ 1.8M) it gives ~5.6e-3, and at equal wall-clock
+# 1.4e-3 beat it by 0.55–0.82 nats on two corpora (and 3e-4 was 0.37 worse than 1.4e-3) — docs/benchmarks.md
+# "The race". So below SMALL_MODEL the LR is capped: a measured ceiling, not a law.
+STEP_LAW_MAX_LR = 1.5e-3
+SMALL_MODEL = 50e6  # non-embedding parameters
+
+
 def step_law(n_params: float, tokens: float) -> tuple[float, float]:
-    """(peak learning rate, batch size in tokens) from Step Law."""
-    return 1.79 * n_params**-0.713 * tokens**0.307, 0.58 * tokens**0.571
+    """(peak learning rate, batch size in tokens) from Step Law, as published."""
+    a, b = STEP_LAW_BATCH
+    return 1.79 * n_params**-0.713 * tokens**0.307, a * tokens**b
+
+
+def scratch_lr(n_params: float, tokens: float) -> float:
+    """The peak LR the planner uses from scratch: Step Law's, at most STEP_LAW_MAX_LR for models below SMALL_MODEL."""
+    lr = step_law(n_params, tokens)[0]
+    return min(lr, STEP_LAW_MAX_LR) if n_params < SMALL_MODEL else lr
 
 
 @dataclass
@@ -71,8 +87,10 @@ def propose_scratch(flops: float, unique_tokens: float | None = None) -> Scratch
         n, d = best, flops / (6.0 * best)
     epochs = d / unique_tokens if unique_tokens else 1.0
     eff = effective_tokens(unique_tokens, d) if unique_tokens else d
-    lr, batch = step_law(n, d)
-    why.append(f"Step Law: peak LR = 1.79·N^−0.713·D^0.307 = {lr:.3g}; batch = 0.58·D^0.571 = {batch:.3g} tokens")
+    law_lr, batch = step_law(n, d)
+    lr = scratch_lr(n, d)
+    capped = f", capped at {STEP_LAW_MAX_LR:.3g} (measured: the law overshoots on models this small) → {lr:.3g}" if lr < law_lr else ""
+    why.append(f"Step Law: peak LR = 1.79·N^−0.713·D^0.307 = {law_lr:.3g}{capped}; batch = 0.58·D^0.571 = {batch:.3g} tokens")
     if unique_tokens:
         why.append(f"{epochs:.2f} epochs over the data ({'nearly as good as fresh data' if epochs <= 4 else 'returns fall beyond ~4 epochs'})")
     return ScratchProposal(n, d, epochs, eff, lr, batch, why)
