@@ -57,9 +57,21 @@ def run_tune(spec: dict) -> dict:
     import budgetune
 
     summary = budgetune.tune(spec["config"], quiet=True)
+    return tune_result(summary)
+
+
+def tune_result(summary: dict) -> dict:
+    """The row for a finished tune: its summary, and the winner's eval curve on the command's clock."""
     run = Path(summary["run_dir"])
     state = json.loads((run / "tune.json").read_text())
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    if summary["tune"]["winner"] is None:  # nothing raced (the budget affords fewer than two candidates): one plain run
+        t = summary["tune"]
+        curve = [(e["seconds"] + state["elapsed_s"] - summary["elapsed_s"], e["eval_loss"]) for e in events if e.get("event") == "eval"]
+        return {"eval_loss": summary["eval_loss_after"], "steps": summary["steps"], "elapsed_s": t["command_elapsed_s"],
+                "tokens": summary["tokens"], "tokens_per_s": summary["train_tokens_per_s_median"],
+                "tokens_per_step": summary["recipe"]["batch_tokens"], "winner": None, "why": t["why"], "race_share": 0.0,
+                "candidates": 0, "space": t["space_size"], "mode": t["mode"], "curve": curve, "trials": []}
     # winner evals after the race, on the command's clock: race seconds + the winner's own seconds since it continued
     start = state["lineage_elapsed_s"]
     curve = [(state["race_s"] + e["seconds"] - start, e["eval_loss"]) for e in events
@@ -153,7 +165,8 @@ def main() -> None:
             reach = [f"{NAMES[p['contestant']]} {p['eval_loss']:.3f} at "
                      + (f"{t:.0f} s ({t / r['seconds']:.2f}×)" if (t := first_reach(r["curve"], p["eval_loss"])) is not None else "never")
                      for p in peers]
-            notes = (f"winner {r['winner']} of {r['candidates']} (space {r['space']}); race {100 * r['race_share']:.0f}% of T"
+            notes = ((f"winner {r['winner']} of {r['candidates']} (space {r['space']}); race {100 * r['race_share']:.0f}% of T"
+                      if r["winner"] else f"{r['why']} (space {r['space']})")
                      + ("; reaches " + "; ".join(reach) if reach else ""))
         budget = args.tokens + " tokens" if args.tokens else f"{r['seconds']:.0f} s"
         print(f"| {r['task']} | {budget} | {r['seed']} | {name} | {r['steps']} | {r['tokens']:,.0f} | "

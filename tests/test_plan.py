@@ -191,6 +191,25 @@ def test_plan_chooses_the_batch_and_lr_from_the_budget(tmp_path):
     assert any("because the budget buys ~20k tokens" in n for n in plan.notes)
 
 
+def test_the_batch_speed_probe_times_the_step_the_rule_expects_not_the_largest_that_fits(tmp_path, monkeypatch):
+    """Before choosing the batch the planner times one step; that step has the rows the rule gives at the device
+    guess's speed (5 rows of 64 tokens for a 1 s budget here), not the largest micro-batch memory allows (8)."""
+    from budgetune.budget import Budget
+    from budgetune.plan import search
+
+    cfg = load_config(_open_config(tmp_path, budget={"steps": None, "time": "1s"}))
+    guessed = make_plan(cfg, probe_steps=0, log=lambda m: None, measure_batch_speed=False)
+    best = guessed.candidates[0]
+    expected = search.choose_batch(Budget(time_s=1), best.tokens_per_s, best.flops_per_token, 64, 1, scratch=True).rows_per_step
+    timed = []
+    real = search._calibrate
+    monkeypatch.setattr(search, "_calibrate", lambda config, cands, *a, **k: timed.extend(c.recipe.micro_batch for c in cands)
+                        or real(config, cands, *a, **k))
+    plan = make_plan(cfg, probe_steps=0, log=lambda m: None)
+    assert timed == [expected] and expected < best.recipe.micro_batch
+    assert plan.measured_tokens_per_s and plan.batch.tokens_in_budget == pytest.approx(0.9 * plan.measured_tokens_per_s)
+
+
 def test_pinned_batch_lr_and_micro_batch_stay(tmp_path):
     base = _open_config(tmp_path, budget={"steps": None, "tokens": 20_000})
     cfg = load_config(base, {"train": {"batch_tokens": 512}, "optim": {"lr": 1e-3}})

@@ -183,6 +183,26 @@ def test_tune_keeps_the_time_promise(tmp_path, corpus):
     assert wall <= 40 + 5.0 + 3.0  # + imports and the process's first model load, before the budget clock
 
 
+def test_a_budget_too_small_to_race_trains_the_planned_recipe_without_planning_twice(tmp_path, corpus, monkeypatch):
+    """No race: the plain run keeps the batch (and scratch LR) the race's planning chose from its timed step, so the
+    one-step probe is paid once, not again by `train`."""
+    import budgetune
+    from budgetune.plan import search
+
+    probes = []
+    real = search._calibrate
+    monkeypatch.setattr(search, "_calibrate", lambda *a, **k: probes.append(1) or real(*a, **k))
+    cfg = _tune_config(tmp_path, corpus, time="20s")
+    cfg["tune"]["min_steps"] = 100_000  # no two candidates fit in 15% of 20 s
+    summary = budgetune.tune(cfg, quiet=True)
+    state = json.loads((Path(summary["run_dir"]) / "tune.json").read_text())
+    assert summary["tune"]["winner"] is None and "cannot afford two candidates" in summary["tune"]["why"]
+    assert state["phase"] == "done" and summary["steps"] > 0
+    assert len(probes) == 1
+    assert summary["recipe"]["batch_tokens"] == state["step_tokens"]
+    assert summary["recipe"]["lr"] == pytest.approx(state["lr_centre"])  # the planner's Step Law LR (from scratch)
+
+
 def _readings(run: Path) -> dict:
     state = json.loads((run / "tune.json").read_text())
     return {(t["id"], r["rung"]): (r["loss"], r["tokens"]) for t in state["trials"] for r in t["rungs"]}

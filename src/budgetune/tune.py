@@ -634,13 +634,22 @@ class Race:
 
     def train_without_race(self) -> dict:
         """Nothing to race (everything pinned, or a budget too small for two trials): the config as `train` runs it."""
+        from .plan.search import batch_is_open
+
         cfg, st = _without_tune(self.cfg), self.state
+        overrides = {}
+        if batch_is_open(cfg):  # the race's planning chose the batch (and a scratch LR) from a timed step: not twice
+            overrides["train"] = {"batch_tokens": st["step_tokens"]}
+            if "optim.lr" not in cfg.explicit:
+                overrides["optim"] = {"lr": st["lr_centre"]}
         if st["unit"] == "seconds":  # the planning above was paid from the budget
             left = st["budget"]["time_s"] - self.clock.elapsed()
             if left <= 1.0:
                 raise BudgetuneError(f"tune: planning took {self.clock.elapsed():.1f}s of budget.time {st['budget']['time_s']:.0f}s, "
                                      "leaving nothing to train; raise budget.time")
-            cfg = load_config(cfg, {"budget": {"time": round(left, 3)}})
+            overrides["budget"] = {"time": round(left, 3)}
+        if overrides:
+            cfg = load_config(cfg, overrides)
         summary = train(cfg, quiet=self.quiet, overwrite=True)  # the folder held only the race's state file
         st["phase"], st["elapsed_s"] = "done", self.clock.elapsed()
         summary["tune"] = {"mode": st["mode"], "candidates": 0, "space_size": st["space_size"], "affordable": st["affordable"],

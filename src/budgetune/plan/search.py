@@ -300,8 +300,14 @@ def make_plan(cfg, probe_steps: int | None = None, log=print, measure_batch_spee
         if measure_batch_speed is None:
             measure_batch_speed = bool(probe_steps) or (total < PROBE_BATCH_MAX_PARAMS and (device.type == "cpu" or torch.cuda.is_available()))
         if measure_batch_speed and cfg.budget.time is not None and best.fits:
-            _calibrate(config, [best], 1, device, log)
-            measured = best.tokens_per_s
+            # time the step the run will probably take — the rule's batch at the device guess's speed — not the
+            # largest micro-batch memory allows: 8 rows of 512 on SmolLM2-135M cost ~100 s of a 300 s CPU budget
+            guess = choose_batch(Budget.from_config(cfg.budget), best.tokens_per_s, best.flops_per_token, cfg.data.seq_len,
+                                 best.recipe.world_size, scratch=cfg.model.init == "scratch")
+            rows = max(1, guess.rows_per_step // best.recipe.world_size) if guess is not None else best.recipe.micro_batch
+            timed = dataclasses.replace(best, recipe=dataclasses.replace(best.recipe, micro_batch=min(rows, best.recipe.micro_batch)))
+            _calibrate(config, [timed], 1, device, log)
+            best.tokens_per_s = measured = timed.tokens_per_s
         batch = choose_batch(Budget.from_config(cfg.budget), best.tokens_per_s, best.flops_per_token, cfg.data.seq_len,
                              best.recipe.world_size, scratch=cfg.model.init == "scratch",
                              non_embedding_params=non_embedding_parameters(config, n_matmul),
