@@ -194,19 +194,18 @@ def test_plan_chooses_the_batch_and_lr_from_the_budget(tmp_path):
 def test_the_batch_speed_probe_times_the_step_the_rule_expects_not_the_largest_that_fits(tmp_path, monkeypatch):
     """Before choosing the batch the planner times one step; that step has the rows the rule gives at the device
     guess's speed (5 rows of 64 tokens for a 1 s budget here), not the largest micro-batch memory allows (8)."""
-    from budgetune.budget import Budget
     from budgetune.plan import search
 
     cfg = load_config(_open_config(tmp_path, budget={"steps": None, "time": "1s"}))
-    guessed = make_plan(cfg, probe_steps=0, log=lambda m: None, measure_batch_speed=False)
-    best = guessed.candidates[0]
-    expected = search.choose_batch(Budget(time_s=1), best.tokens_per_s, best.flops_per_token, 64, 1, scratch=True).rows_per_step
+    expected = make_plan(cfg, probe_steps=0, log=lambda m: None, measure_batch_speed=False).batch.rows_per_step  # at the guess
+    largest = make_plan(load_config(_open_config(tmp_path / "s", budget={"steps": 3})), probe_steps=0,
+                        log=lambda m: None).candidates[0].recipe.micro_batch  # no D: memory's choice
     timed = []
     real = search._calibrate
     monkeypatch.setattr(search, "_calibrate", lambda config, cands, *a, **k: timed.extend(c.recipe.micro_batch for c in cands)
                         or real(config, cands, *a, **k))
     plan = make_plan(cfg, probe_steps=0, log=lambda m: None)
-    assert timed == [expected] and expected < best.recipe.micro_batch
+    assert timed == [expected] and expected < largest
     assert plan.measured_tokens_per_s and plan.batch.tokens_in_budget == pytest.approx(0.9 * plan.measured_tokens_per_s)
 
 
@@ -365,7 +364,7 @@ def test_time_budget_speed_counts_the_dpo_reference_forward(tmp_path, monkeypatc
     from helpers import write_preference_jsonl
 
     search = sys.modules["budgetune.plan.search"]  # (budgetune.plan is also a function's name on the package)
-    monkeypatch.setattr(search, "probe", lambda model, recipe, fpt, steps, device: ProbeResult(1000.0, 1000.0 * fpt, 0.1))
+    monkeypatch.setattr(search, "probe", lambda model, recipe, fpt, steps, device, **_: ProbeResult(1000.0, 1000.0 * fpt, 0.1))
     data = write_preference_jsonl(tmp_path / "p.jsonl", n=8)
     speeds = {}
     for objective in ("dpo", "orpo"):
@@ -376,3 +375,94 @@ def test_time_budget_speed_counts_the_dpo_reference_forward(tmp_path, monkeypatc
     assert speeds["orpo"] == pytest.approx(1000.0)
     # a reference forward is ~1/3 of a forward+backward step: the DPO step is slower by about that
     assert 1000.0 / 1.6 < speeds["dpo"] < 1000.0 / 1.15, speeds
+
+
+def test_padded_width_is_the_mean_longest_row_of_a_micro_batch():
+    """What padding makes a step compute on: the longest row of each micro-batch, on average."""
+    import math
+    import statistics
+    from itertools import combinations
+
+    import numpy as np
+
+    from budgetune.plan.throughput import padded_width
+
+    assert padded_width([10, 20, 30], 2) == 27  # the pairs' longest rows: 20, 30, 30
+    assert padded_width([10, 20, 30], 1) == 20  # one row: the mean row
+    assert padded_width([10, 20, 30], 5) == 30  # more rows than the data: all of them
+    lengths = [3, 41, 7, 7, 19, 60, 2, 33]
+    assert padded_width(lengths, 3) == math.ceil(statistics.mean(max(c) for c in combinations(lengths, 3)))
+    # many rows (no overflow): the sampler's own micro-batches, one epoch's worth, agree
+    many = np.random.default_rng(0).integers(10, 500, 20_000)
+    drawn = np.random.default_rng(1).permutation(many).reshape(-1, 16).max(axis=1).mean()
+    assert padded_width(many, 16) == pytest.approx(drawn, rel=0.01)
+
+
+def test_unpacked_row_lengths_are_the_rows_real_tokens(tmp_path, tokenizer):
+    """The planner's row lengths are exactly the real tokens of the rows `build_rows(pack=False)` makes:
+    chat examples (some truncated), preference pairs (some truncated), and long text (cut into rows)."""
+    import numpy as np
+
+    from budgetune.config import DataConfig
+    from budgetune.data.packing import build_rows, unpacked_row_lengths
+    from budgetune.data.tokenize import tokenize_files
+
+    from helpers import write_chat_jsonl, write_preference_jsonl
+
+    dcfg = DataConfig(train=["x"])
+    cases = {"chat": write_chat_jsonl(tmp_path / "chat.jsonl", n=20), "preference": write_preference_jsonl(tmp_path / "p.jsonl", n=20),
+             "text": sorted(write_text_corpus(tmp_path / "c", n_files=2).iterdir())}
+    for name, files in cases.items():
+        data = tokenize_files(files if isinstance(files, list) else [files], tokenizer, dcfg, tmp_path / "cache", log=lambda m: None)
+        assert data.format == name
+        lengths = data.lengths()
+        seq_len = int(np.median(lengths))  # some examples longer, some shorter
+        rows = build_rows(data, seq_len, False, 0)
+        assert rows.truncated > 0 or name == "text"
+        assert unpacked_row_lengths(data, seq_len).tolist() == rows.real_tokens.tolist(), name
+
+
+def _short_rows_config(tmp_path, pack: bool) -> dict:
+    from helpers import write_chat_jsonl
+
+    data = write_chat_jsonl(tmp_path / "chat.jsonl", n=40)
+    cfg = tiny_config(tmp_path / ("packed" if pack else "unpacked"), data, budget={"time": "60s"})
+    cfg["data"].update(seq_len=512, pack=pack)
+    return cfg
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_probe_times_the_rows_the_run_will_see(tmp_path, monkeypatch, pack):
+    """The one-step probe that sizes the batch for a time budget, on examples far shorter than
+    data.seq_len: unpacked rows are timed at the data's padded width (the mean longest row of a
+    micro-batch) and counted by their real tokens; packed rows stay full seq_len rows."""
+    from budgetune import lm_loss
+    from budgetune.models import load_tokenizer
+    from budgetune.plan import throughput
+
+    shapes, real_losses = [], lm_loss.token_losses
+
+    def recording(model, batch, *args, **kwargs):
+        shapes.append(tuple(batch["input_ids"].shape))
+        return real_losses(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(lm_loss, "token_losses", recording)
+    # one real pass (its shape recorded), timed as 0.5 s: the tokens counted show in the speed
+    monkeypatch.setattr(throughput, "timed_after_warmup", lambda one_pass, steps: (one_pass(), [0.5] * steps)[1])
+    cfg = load_config(_short_rows_config(tmp_path, pack))
+    plan = make_plan(cfg, probe_steps=0, log=lambda m: None, measure_batch_speed=True)
+    (micro_batch, width), = set(shapes)
+    if pack:
+        assert width == 512 and plan.measured_tokens_per_s == pytest.approx(micro_batch * 512 / 0.5)
+        assert plan.tokens_per_row is None
+        return
+    assert width < 512  # not a full row: no batch of this data is that wide
+    from budgetune.data import row_lengths
+    from budgetune.plan.throughput import padded_width
+
+    lengths = row_lengths(cfg, load_tokenizer(cfg, log=lambda m: None), log=lambda m: None)
+    assert lengths.max() < 200 and micro_batch > 1  # the data's rows are short; the batch pads
+    assert width == padded_width(lengths, micro_batch) and lengths.mean() < width <= lengths.max()
+    assert plan.measured_tokens_per_s == pytest.approx(micro_batch * lengths.mean() / 0.5)
+    assert plan.tokens_per_row == pytest.approx(lengths.mean())
+    assert any(n.startswith("probe: unpacked rows") and f"{width} tokens for {micro_batch} row(s)" in n for n in plan.notes)

@@ -419,7 +419,7 @@ def _check_the_budget_buys_steps(run: Run) -> None:
     clock, speed = run.clock, (run.prediction or {}).get("measured_tokens_per_s")
     if clock.budget.time_s is None or not speed:
         return
-    step_tokens = run.sampler.micro_batch * run.accum * run.world * run.cfg.data.seq_len
+    step_tokens = round(run.sampler.micro_batch * run.accum * run.world * (run.prediction.get("tokens_per_row") or run.cfg.data.seq_len))
     step_s = step_tokens / speed
     window = clock.budget.time_s - clock.reserve_s - clock.elapsed()
     if step_s > window:

@@ -17,12 +17,12 @@ from .mixture import check_formats, concat, mix, shares, sources_of, token_lengt
 from .mixture import per_source as per_source_tokens
 
 CHAT_FORMATS = ("chat", "sharegpt", "alpaca")  # rendered with the tokenizer's chat template
-from .packing import IGNORE, Rows, build_rows, pack_examples
+from .packing import IGNORE, Rows, build_rows, pack_examples, unpacked_row_lengths
 from .select import select
 from .sources import Skipped, read_records, resolve
 from .tokenize import TokenizedSet, tokenize_files
 
-__all__ = ["DataBundle", "prepare_data", "iter_texts", "Rows", "pack_examples", "build_rows", "IGNORE", "TokenizedSet"]
+__all__ = ["DataBundle", "prepare_data", "row_lengths", "iter_texts", "Rows", "pack_examples", "build_rows", "IGNORE", "TokenizedSet"]
 
 
 @dataclass
@@ -135,6 +135,20 @@ def prepare_data(cfg, tokenizer, seed: int = 0, log=print, model=None, budget_to
         log(f"{bundle.truncated} example(s) longer than data.seq_len ({dcfg.seq_len} tokens) were truncated to it "
             "(their ends are not learned); raise data.seq_len to keep them whole")
     return bundle
+
+
+def row_lengths(cfg, tokenizer, log=print) -> np.ndarray:
+    """Real tokens in each row of data.train when rows are not packed (one example, or one preference
+    pair, per row; what `build_rows(..., pack=False)` gives), for the planner's speed probe.
+
+    Tokenises through the same cache as `prepare_data`, which then reads it instead of tokenising
+    again. All of data.train's examples count: the held-out split, data.dedup, data.select and the
+    mixture's weights change which rows a run has, not the lengths rows have (taken as the same)."""
+    dcfg = cfg.data
+    every = dcfg.format == "text"
+    sets = [tokenize_files(resolve(src.patterns, dcfg.max_files, src.key, every, log), tokenizer, src.cfg, dcfg.cache_dir, log=log)
+            for src in sources_of(dcfg)]
+    return np.concatenate([unpacked_row_lengths(s, dcfg.seq_len) for s in sets])
 
 
 def _asked_once(budget_tokens, run_dir):

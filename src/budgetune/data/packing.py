@@ -152,16 +152,9 @@ def build_rows(data: TokenizedSet, seq_len: int, pack: bool, pad_id: int) -> Row
     )
 
 
-def build_pair_rows(data: TokenizedSet, seq_len: int, pack: bool, pad_id: int) -> Rows:
-    """Rows of preference pairs: each pair whole in one row (chosen half, then rejected half, positions
-    restarting at each half, so neither half sees the other), `segments` telling the halves apart.
-
-    pack=True fills rows with several pairs (best-fit decreasing); pack=False gives each pair its own
-    row, trimmed per batch to the longest. Packing is the default, as for SFT: it computes no padding.
-    Which is faster is measured by `benchmarks/preference.py` (its layout part): on SmolLM2 on the CPU
-    (2026-11-25) packed pairs ran at 149 real tokens/s, one pair per row at 143 (docs/benchmarks.md).
-    A pair longer than seq_len has each half truncated to seq_len // 2 tokens (counted).
-    """
+def pair_halves(data: TokenizedSet, seq_len: int) -> tuple[list[list[tuple[int, int]]], int]:
+    """Each preference pair's (chosen, rejected) token spans, truncated as `build_pair_rows` does; and
+    how many pairs were truncated."""
     from .formats import PREF_REJECTED_PROMPT
 
     halves, truncated = [], 0
@@ -172,6 +165,29 @@ def build_pair_rows(data: TokenizedSet, seq_len: int, pack: bool, pad_id: int) -
             parts = [(s, min(e, s + seq_len // 2)) for s, e in parts]
             truncated += 1
         halves.append(parts)
+    return halves, truncated
+
+
+def unpacked_row_lengths(data: TokenizedSet, seq_len: int) -> np.ndarray:
+    """The real (non-padding) tokens of each row `build_rows(data, seq_len, pack=False)` makes, without
+    building the rows: what the planner needs to time a padded batch of the run's own shape."""
+    if data.format == "preference":
+        return np.array([sum(e - s for s, e in parts) for parts in pair_halves(data, seq_len)[0]], dtype=np.int64)
+    spans, _ = split_long(data, seq_len, chunk=data.format == "text")
+    return np.array([e - s for s, e in spans], dtype=np.int64)
+
+
+def build_pair_rows(data: TokenizedSet, seq_len: int, pack: bool, pad_id: int) -> Rows:
+    """Rows of preference pairs: each pair whole in one row (chosen half, then rejected half, positions
+    restarting at each half, so neither half sees the other), `segments` telling the halves apart.
+
+    pack=True fills rows with several pairs (best-fit decreasing); pack=False gives each pair its own
+    row, trimmed per batch to the longest. Packing is the default, as for SFT: it computes no padding.
+    Which is faster is measured by `benchmarks/preference.py` (its layout part): on SmolLM2 on the CPU
+    (2026-11-25) packed pairs ran at 149 real tokens/s, one pair per row at 143 (docs/benchmarks.md).
+    A pair longer than seq_len has each half truncated to seq_len // 2 tokens (counted).
+    """
+    halves, truncated = pair_halves(data, seq_len)
     lengths = [sum(e - s for s, e in parts) for parts in halves]
     groups = pack_examples(lengths, seq_len) if pack else [[i] for i in range(len(halves))]
     n = len(groups)

@@ -72,6 +72,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     batch: BatchChoice | None = None  # tokens per step chosen for the budget (None: pinned, or a step budget)
     measured_tokens_per_s: float | None = None  # forward+backward speed timed before choosing the batch
+    tokens_per_row: float | None = None  # real tokens per row the probe counted (unpacked rows: the data's mean)
 
     @property
     def fitting(self) -> list[Candidate]:
@@ -268,6 +269,14 @@ def make_plan(cfg, probe_steps: int | None = None, log=print, measure_batch_spee
     unique = estimate_unique_tokens(cfg)
     achieved = device_flops_guess(device)
     counts: dict[str, tuple[int, int, int]] = {}
+    rows: dict = {}
+
+    def row_lengths():  # the data's unpacked row lengths, read once and only when a probe runs
+        if "lengths" not in rows:
+            rows["lengths"], why_not = probe_row_lengths(cfg, unique)
+            if why_not:
+                notes.append(why_not)
+        return rows["lengths"]
 
     def evaluate(recipes: list[Recipe]) -> list[Candidate]:
         out = []
@@ -292,7 +301,7 @@ def make_plan(cfg, probe_steps: int | None = None, log=print, measure_batch_spee
                       c.recipe.gradient_checkpointing, -c.recipe.micro_batch)
     candidates = sorted(evaluate(candidate_recipes(cfg, device)), key=rank)
     notes = [_memory_note(cfg, memory_budget)]
-    batch, measured = None, None
+    batch, measured, timed = None, None, []
     if batch_is_open(cfg) and candidates:
         # the objective is the model at the end of the budget: the batch follows the tokens it buys
         best = candidates[0]
@@ -304,10 +313,10 @@ def make_plan(cfg, probe_steps: int | None = None, log=print, measure_batch_spee
             # largest micro-batch memory allows: 8 rows of 512 on SmolLM2-135M cost ~100 s of a 300 s CPU budget
             guess = choose_batch(Budget.from_config(cfg.budget), best.tokens_per_s, best.flops_per_token, cfg.data.seq_len,
                                  best.recipe.world_size, scratch=cfg.model.init == "scratch")
-            rows = max(1, guess.rows_per_step // best.recipe.world_size) if guess is not None else best.recipe.micro_batch
-            timed = dataclasses.replace(best, recipe=dataclasses.replace(best.recipe, micro_batch=min(rows, best.recipe.micro_batch)))
-            _calibrate(config, [timed], 1, device, log)
-            best.tokens_per_s = measured = timed.tokens_per_s
+            expected = max(1, guess.rows_per_step // best.recipe.world_size) if guess is not None else best.recipe.micro_batch
+            probed = dataclasses.replace(best, recipe=dataclasses.replace(best.recipe, micro_batch=min(expected, best.recipe.micro_batch)))
+            timed = _calibrate(config, [probed], 1, device, log, row_lengths())
+            best.tokens_per_s = measured = probed.tokens_per_s
         batch = choose_batch(Budget.from_config(cfg.budget), best.tokens_per_s, best.flops_per_token, cfg.data.seq_len,
                              best.recipe.world_size, scratch=cfg.model.init == "scratch",
                              non_embedding_params=non_embedding_parameters(config, n_matmul),
@@ -317,7 +326,7 @@ def make_plan(cfg, probe_steps: int | None = None, log=print, measure_batch_spee
             notes.append(batch.describe(cfg.data.seq_len))
     steps = probe_steps if probe_steps is not None else (2 if cfg.plan.probe and here else 0)
     if steps and candidates and candidates[0].fits:
-        _calibrate(config, [c for c in candidates if c.fits][:4], steps, device, log)
+        timed += _calibrate(config, [c for c in candidates if c.fits][:4], steps, device, log, row_lengths())
         notes.append(f"speed calibrated by a {steps}-step probe on {device.type} (random-init weights, synthetic tokens)")
         candidates.sort(key=rank)
     else:
@@ -339,7 +348,39 @@ def make_plan(cfg, probe_steps: int | None = None, log=print, measure_batch_spee
             budget_flops = (candidates[0].tokens_per_s * candidates[0].flops_per_token) * time_s
         if budget_flops:
             scratch = propose_scratch(budget_flops, unique)
-    return Plan(device.type, memory_budget, candidates, unique, scratch, notes, batch, measured)
+    lengths = rows.get("lengths")
+    if lengths is not None:
+        notes.append(probe_shape_note(lengths, timed))
+    return Plan(device.type, memory_budget, candidates, unique, scratch, notes, batch, measured,
+                float(lengths.mean()) if lengths is not None else None)
+
+
+def probe_row_lengths(cfg, unique_tokens: float | None) -> tuple["np.ndarray | None", str]:
+    """(real tokens per training row, why not): the lengths the probe times unpacked rows at
+    (data.pack: false), from the tokenisation cache — tokenising now when it has no entry, which the
+    run's data preparation then reads. None with packed rows (full rows are timed), and, with a note,
+    when the data is not on this machine or several processes plan at once (each would tokenise):
+    the probe then times rows of data.seq_len, the longest the data can give."""
+    if cfg.data.pack:
+        return None, ""
+    if unique_tokens is None:
+        return None, "probe: data.train is not on this machine: unpacked rows timed at data.seq_len (the longest they can be)"
+    world, _ = distributed_setup(cfg)
+    if world > 1:
+        return None, f"probe: {world} processes plan at once: unpacked rows timed at data.seq_len (the longest they can be)"
+    from ..data import row_lengths
+    from ..models import load_tokenizer
+
+    quiet = lambda m: None  # noqa: E731  (the run's data preparation says what it reads)
+    return row_lengths(cfg, load_tokenizer(cfg, log=quiet), log=quiet), ""
+
+
+def probe_shape_note(lengths, timed: list[tuple[int, int]]) -> str:
+    """What shape the probe timed unpacked rows at (`timed`: (micro-batch, width) pairs), and why."""
+    shapes = ", ".join(f"{width} tokens for {mb} row(s)" for mb, width in sorted(set(timed)))
+    return (f"probe: unpacked rows ({len(lengths):,}, mean {lengths.mean():.0f} tokens, longest {int(lengths.max())}) timed at "
+            f"{shapes} — the mean longest row of a micro-batch, which padding trims each batch to; memory is still "
+            "predicted for rows of data.seq_len, the longest a batch can be")
 
 
 def non_embedding_parameters(config, n_matmul: int) -> float:
@@ -348,10 +389,13 @@ def non_embedding_parameters(config, n_matmul: int) -> float:
     return float(max(1, n_matmul - head))
 
 
-def _calibrate(config, candidates: list[Candidate], steps: int, device: torch.device, log) -> None:
-    """Probe each candidate on a random-init model and replace the predicted speed with the measured one."""
+def _calibrate(config, candidates: list[Candidate], steps: int, device: torch.device, log, row_lengths=None) -> list[tuple[int, int]]:
+    """Probe each candidate on a random-init model and replace the predicted speed with the measured one.
+    `row_lengths`: real tokens per row of unpacked data (`probe_row_lengths`), for the probe's shape.
+    Returns the (micro-batch, row length) shapes timed."""
     from transformers import AutoModelForCausalLM
 
+    shapes = []
     for c in candidates:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config).to(device)
@@ -367,13 +411,16 @@ def _calibrate(config, candidates: list[Candidate], steps: int, device: torch.de
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if c.recipe.precision == "bf16-mixed" else _null()
         with autocast:
-            result = probe(model, c.recipe, c.flops_per_token, steps, device)
+            result = probe(model, c.recipe, c.flops_per_token, steps, device, row_lengths=row_lengths)
         # the probe times next-token steps; a DPO step also runs the reference forward
         slower = reference_pass_factor(config, c.recipe, c.flops_per_token, matmul_parameters(model)[0])
         c.tokens_per_s, c.probed = result.tokens_per_s / slower, True
         log(f"probe {c.recipe.method}{'+' + c.recipe.quantize if c.recipe.quantize else ''} mb={c.recipe.micro_batch} "
-            f"ckpt={c.recipe.gradient_checkpointing}: {result.tokens_per_s:,.0f} tokens/s")
+            f"ckpt={c.recipe.gradient_checkpointing}{f' rows of {result.width}' if result.width not in (None, c.recipe.seq_len) else ''}: "
+            f"{result.tokens_per_s:,.0f} tokens/s")
+        shapes.append((c.recipe.micro_batch, result.width or c.recipe.seq_len))
         del model
+    return shapes
 
 
 def _null():
@@ -446,6 +493,7 @@ def plan_for_training(cfg, log=print):
         prediction = {"peak_memory_mb": round(match.memory.total / 2**20, 1), "tokens_per_s": round(match.tokens_per_s, 1),
                       "flops_per_token": match.flops_per_token,
                       "measured_tokens_per_s": round(plan.measured_tokens_per_s, 1) if plan.measured_tokens_per_s else None,
+                      "tokens_per_row": round(plan.tokens_per_row, 1) if plan.tokens_per_row else None,  # unpacked: real, on average
                       "tokens_per_s_basis": "probed" if match.probed else "device guess, uncalibrated",
                       "fits": match.fits, "memory_terms_mb": {k: round(v / 2**20, 1) for k, v in match.memory.terms.items()},
                       "peak_memory_basis": allocator_basis(match.memory) if match.memory.terms.get("allocator") else "live tensors"}

@@ -3,7 +3,9 @@
 Prediction: tokens/s = achieved FLOP/s ÷ FLOPs per token. The achieved rate is first a
 device guess, then measured by `probe()`: a few real forward+backward passes of the
 candidate recipe on synthetic tokens (the optimizer step is excluded: it is small next to
-the matmuls and would change the weights).
+the matmuls and would change the weights). Packed rows are timed full (seq_len tokens);
+unpacked rows (data.pack: false) at the width a padded batch of the data has on average
+(`padded_width`), counting the real tokens such a batch holds.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .flops import flops_per_token
@@ -63,17 +66,45 @@ def reference_pass_factor(config, recipe: Recipe, step_fpt: float, n_matmul: int
 
 @dataclass
 class ProbeResult:
-    tokens_per_s: float
+    tokens_per_s: float  # real (non-padding) tokens per second
     achieved_flops: float
     seconds_per_micro_batch: float
+    width: int | None = None  # the timed micro-batch's row length (tokens)
+    tokens_per_row: float | None = None  # real tokens counted per row (= width for packed rows)
+
+
+def padded_width(row_lengths, micro_batch: int) -> int:
+    """The width a padded micro-batch has on average: the mean, over the micro-batches a run draws,
+    of the longest row in each (`Rows.batch` trims a padded batch to its longest row, so that is the
+    length every row of the step is computed at — not the mean row length, and not seq_len).
+
+    Exact, not sampled: the sampler draws each micro-batch uniformly without replacement (a seeded
+    permutation per epoch), so with the n lengths sorted ascending the longest of m is the k-th with
+    probability C(k-1, m-1) / C(n, m). Rounded up to a whole token."""
+    lengths = np.sort(np.asarray(row_lengths, dtype=np.float64))
+    n, m = len(lengths), max(1, min(int(micro_batch), len(lengths)))
+    if n == 0:
+        raise ValueError("padded_width: no rows")
+    k = np.arange(m, n + 1, dtype=np.float64)  # 1-based rank of the batch's longest row
+    # log C(k-1, m-1), built up from C(m-1, m-1) = 1 by C(k, m-1) = C(k-1, m-1) · k / (k-m+1)
+    log_w = np.concatenate([[0.0], np.cumsum(np.log(k[:-1] / (k[:-1] - m + 1)))])
+    w = np.exp(log_w - log_w.max())
+    return int(np.ceil(float((w * lengths[m - 1:]).sum() / w.sum()) - 1e-9))
 
 
 WARMUP_MAX = 6  # untimed passes at most before timing starts
 WARMUP_SETTLED = 0.9  # warm once a pass is no more than 10% faster than the one before
 
 
-def probe(model, recipe: Recipe, fpt: float, steps: int = 2, device: torch.device | None = None) -> ProbeResult:
+def probe(model, recipe: Recipe, fpt: float, steps: int = 2, device: torch.device | None = None,
+          row_lengths=None) -> ProbeResult:
     """Time `steps` forward+backward passes of one micro-batch, once the passes have warmed up.
+
+    Packed rows (`recipe.packed`) are seq_len tokens, two examples each. Unpacked rows with the
+    data's `row_lengths` (real tokens per row, data.row_lengths) are timed at `padded_width` — the
+    mean longest row of a micro-batch, the width padding gives a step — with an attention mask
+    padding each row to its own length, and the tokens counted are the real ones a micro-batch holds
+    on average (micro_batch × mean row length). Without `row_lengths`, rows are seq_len tokens.
 
     The first passes of a process are slow — thread pools, kernel selection, and the allocator
     growing its heap (measured: the first candidate of a plan probed at 645 tokens/s after one
@@ -83,15 +114,25 @@ def probe(model, recipe: Recipe, fpt: float, steps: int = 2, device: torch.devic
 
     device = device or next(model.parameters()).device
     vocab = model.get_input_embeddings().weight.shape[0]
-    shape = (recipe.micro_batch, recipe.seq_len)
+    padded = not recipe.packed and row_lengths is not None and len(row_lengths) > 0
+    width = min(recipe.seq_len, padded_width(row_lengths, recipe.micro_batch)) if padded else recipe.seq_len
+    per_row = float(np.mean(row_lengths)) if padded else float(width)  # a step's rows average this, however wide
+    shape = (recipe.micro_batch, width)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, shape, generator=gen)
-    # two examples per row, as packed data has: exercises the block-diagonal mask path
-    half = recipe.seq_len // 2
-    positions = torch.cat([torch.arange(half), torch.arange(recipe.seq_len - half)]).expand(shape).contiguous()
     batch = {"input_ids": ids, "labels": ids.clone()}
     if recipe.packed:
-        batch["position_ids"] = positions
+        # two examples per row, as packed data has: exercises the block-diagonal mask path
+        half = width // 2
+        batch["position_ids"] = torch.cat([torch.arange(half), torch.arange(width - half)]).expand(shape).contiguous()
+    elif padded:
+        # one example per row, padded to the batch's longest (the first row): row lengths drawn from the data
+        drawn = np.random.default_rng(0).choice(np.asarray(row_lengths), size=recipe.micro_batch)
+        lengths = torch.as_tensor(np.minimum(drawn, width))
+        lengths[0] = width
+        mask = (torch.arange(width) < lengths[:, None]).long()
+        batch["attention_mask"] = mask
+        batch["labels"][mask == 0] = -100
 
     def one_pass() -> float:
         if device.type == "cuda":
@@ -109,8 +150,8 @@ def probe(model, recipe: Recipe, fpt: float, steps: int = 2, device: torch.devic
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     seconds = min(timings)
-    tokens_per_s = recipe.micro_batch * recipe.seq_len / seconds
-    return ProbeResult(tokens_per_s, tokens_per_s * fpt, seconds)
+    tokens_per_s = recipe.micro_batch * per_row / seconds
+    return ProbeResult(tokens_per_s, tokens_per_s * fpt, seconds, width, per_row)
 
 
 def timed_after_warmup(one_pass, steps: int) -> list[float]:
