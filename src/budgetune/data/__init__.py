@@ -77,9 +77,7 @@ def prepare_data(cfg, tokenizer, seed: int = 0, log=print, model=None, budget_to
     budget_tokens = _asked_once(budget_tokens, run_dir)
     cache = dcfg.cache_dir
     every = dcfg.format == "text"  # text: a folder's files of any suffix (binary ones left out, counted)
-    sources = sources_of(dcfg)
-    sets = [tokenize_files(resolve(src.patterns, dcfg.max_files, src.key, every, log), tokenizer, src.cfg, cache, log=log)
-            for src in sources]
+    sources, sets = tokenized_sources(dcfg, tokenizer, log)
     fmt = check_formats(sets, sources)
     pool, source = concat(sets, fmt) if len(sets) > 1 else (sets[0], np.zeros(len(sets[0]), dtype=np.int64))
     dedup_info = None
@@ -144,11 +142,17 @@ def row_lengths(cfg, tokenizer, log=print) -> np.ndarray:
     Tokenises through the same cache as `prepare_data`, which then reads it instead of tokenising
     again. All of data.train's examples count: the held-out split, data.dedup, data.select and the
     mixture's weights change which rows a run has, not the lengths rows have (taken as the same)."""
-    dcfg = cfg.data
-    every = dcfg.format == "text"
-    sets = [tokenize_files(resolve(src.patterns, dcfg.max_files, src.key, every, log), tokenizer, src.cfg, dcfg.cache_dir, log=log)
-            for src in sources_of(dcfg)]
-    return np.concatenate([unpacked_row_lengths(s, dcfg.seq_len) for s in sets])
+    _, sets = tokenized_sources(cfg.data, tokenizer, log)
+    return np.concatenate([unpacked_row_lengths(s, cfg.data.seq_len) for s in sets])
+
+
+def tokenized_sources(dcfg, tokenizer, log=print) -> tuple[list, list[TokenizedSet]]:
+    """(data.train's sources, each one tokenised through the cache): one place, so that what
+    `row_lengths` tokenises for the planner is the cache entry `prepare_data` then reads."""
+    every = dcfg.format == "text"  # text: a folder's files of any suffix (binary ones left out, counted)
+    sources = sources_of(dcfg)
+    return sources, [tokenize_files(resolve(src.patterns, dcfg.max_files, src.key, every, log), tokenizer, src.cfg,
+                                    dcfg.cache_dir, log=log) for src in sources]
 
 
 def _asked_once(budget_tokens, run_dir):
