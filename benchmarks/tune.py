@@ -53,36 +53,31 @@ def task_config(work: Path, task: str, lr: float) -> dict:
 
 
 def run_tune(spec: dict) -> dict:
-    """budgetune.tune in this process; its summary plus the winner's eval curve on the command's clock."""
+    """budgetune.tune in this process, reported by `tune_result`."""
     import budgetune
 
-    summary = budgetune.tune(spec["config"], quiet=True)
-    return tune_result(summary)
+    return tune_result(budgetune.tune(spec["config"], quiet=True))
 
 
 def tune_result(summary: dict) -> dict:
-    """The row for a finished tune: its summary, and the winner's eval curve on the command's clock."""
-    run = Path(summary["run_dir"])
+    """The row for a finished tune: its summary, and the final run's eval curve on the command's clock."""
+    run, t = Path(summary["run_dir"]), summary["tune"]
     state = json.loads((run / "tune.json").read_text())
-    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    if summary["tune"]["winner"] is None:  # nothing raced (the budget affords fewer than two candidates): one plain run
-        t = summary["tune"]
-        curve = [(e["seconds"] + state["elapsed_s"] - summary["elapsed_s"], e["eval_loss"]) for e in events if e.get("event") == "eval"]
-        return {"eval_loss": summary["eval_loss_after"], "steps": summary["steps"], "elapsed_s": t["command_elapsed_s"],
-                "tokens": summary["tokens"], "tokens_per_s": summary["train_tokens_per_s_median"],
-                "tokens_per_step": summary["recipe"]["batch_tokens"], "winner": None, "why": t["why"], "race_share": 0.0,
-                "candidates": 0, "space": t["space_size"], "mode": t["mode"], "curve": curve, "trials": []}
-    # winner evals after the race, on the command's clock: race seconds + the winner's own seconds since it continued
-    start = state["lineage_elapsed_s"]
-    curve = [(state["race_s"] + e["seconds"] - start, e["eval_loss"]) for e in events
-             if e.get("event") == "eval" and e["seconds"] > start]
-    curve.append((summary["tune"]["command_elapsed_s"], summary["eval_loss_after"]))
-    return {"eval_loss": summary["eval_loss_after"], "steps": summary["steps"], "elapsed_s": summary["tune"]["command_elapsed_s"],
-            "tokens": summary["tune"]["tokens_including_race"], "tokens_per_s": summary["train_tokens_per_s_median"],
-            "tokens_per_step": summary["recipe"]["batch_tokens"], "winner": summary["tune"]["winner"],
-            "why": summary["tune"]["why"], "race_share": summary["tune"]["race_share"], "candidates": summary["tune"]["candidates"],
-            "space": summary["tune"]["space_size"], "mode": summary["tune"]["mode"], "curve": curve,
-            "trials": [(t["label"], [round(r["loss"], 4) for r in t["rungs"]]) for t in summary["tune"]["trials"]]}
+    evals = [e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if e.get("event") == "eval"]
+    if t["winner"] is None:  # nothing raced (the budget affords fewer than two candidates): one plain run, planned first
+        curve = [(state["elapsed_s"] - summary["elapsed_s"] + e["seconds"], e["eval_loss"]) for e in evals]
+        tokens, trials = summary["tokens"], []
+    else:  # the winner's evals after the race: race seconds + the winner's own seconds since it continued
+        start = state["lineage_elapsed_s"]
+        curve = [(state["race_s"] + e["seconds"] - start, e["eval_loss"]) for e in evals if e["seconds"] > start]
+        curve.append((t["command_elapsed_s"], summary["eval_loss_after"]))
+        tokens = t["tokens_including_race"]
+        trials = [(trial["label"], [round(r["loss"], 4) for r in trial["rungs"]]) for trial in t["trials"]]
+    return {"eval_loss": summary["eval_loss_after"], "steps": summary["steps"], "elapsed_s": t["command_elapsed_s"],
+            "tokens": tokens, "tokens_per_s": summary["train_tokens_per_s_median"],
+            "tokens_per_step": summary["recipe"]["batch_tokens"], "winner": t["winner"], "why": t["why"],
+            "race_share": t["race_share"], "candidates": t["candidates"], "space": t["space_size"], "mode": t["mode"],
+            "curve": curve, "trials": trials}
 
 
 def _own_process(spec: dict) -> dict:
