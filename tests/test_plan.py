@@ -132,7 +132,8 @@ def test_planner_reads_world_size_and_zero_stage_from_the_launcher(monkeypatch):
 
 def test_batch_rule_on_hand_computed_cases():
     from budgetune.budget import Budget
-    from budgetune.plan.batch import batch_tokens_for, choose_batch, step_law_lr
+    from budgetune.plan.batch import batch_tokens_for, choose_batch
+    from budgetune.plan.scaling import scratch_lr as step_law_lr  # the planner's LR from scratch: Step Law's, capped
 
     assert batch_tokens_for(1e6, scratch=True) == pytest.approx(0.58 * 10 ** (6 * 0.571))  # 1,546.8
     assert batch_tokens_for(1e6, scratch=True) == pytest.approx(1546.8, rel=1e-3)

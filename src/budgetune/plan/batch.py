@@ -67,11 +67,6 @@ def batch_tokens_for(tokens: float, scratch: bool) -> float:
     return max(float(MIN_BATCH_TOKENS), a * tokens**b)
 
 
-def step_law_lr(non_embedding_params: float, tokens: float) -> float:
-    """The planner's peak LR from scratch (Step Law's, capped)."""
-    return scratch_lr(non_embedding_params, tokens)
-
-
 def tokens_the_budget_buys(budget, tokens_per_s: float | None, flops_per_token: float) -> tuple[float, str] | None:
     """(D, basis): the training tokens a budget buys — the smallest over the budgets that are set;
     None when only a step budget is set (then the batch decides D, not the other way round)."""
@@ -100,7 +95,7 @@ def choose_batch(budget, tokens_per_s: float | None, flops_per_token: float, seq
     rule = (f"Step Law B = {a}·D^{b}" if scratch else f"fine-tuning rule B = {a}·D^{b}") + f" = {target:,.0f}"
     lr = law_lr = None
     if scratch and choose_lr and non_embedding_params:
-        lr, law_lr = step_law_lr(non_embedding_params, tokens), step_law(non_embedding_params, tokens)[0]
+        lr, law_lr = scratch_lr(non_embedding_params, tokens), step_law(non_embedding_params, tokens)[0]
     return BatchChoice(int(target), rows, tokens, basis, rule, lr, law_lr)
 
 
