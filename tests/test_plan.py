@@ -171,6 +171,10 @@ def test_batch_rule_on_hand_computed_cases():
     assert choice.tokens_in_budget == 2e5 and choice.rows_per_step % 2 == 0
     # a step budget alone gives no D: the configured batch stays
     assert choose_batch(Budget(steps=100), 4000.0, 6e6, seq_len=256, world=1, scratch=True) is None
+    # unpacked rows count their real tokens: ten minutes' 1,143 tokens are six rows holding 190 on average, not two of 512
+    choice = choose_batch(Budget(time_s=600), 7700.0, 6e6, seq_len=512, world=1, scratch=False, tokens_per_row=190.0)
+    assert choice.batch_tokens == int(0.19 * (0.9 * 600 * 7700) ** 0.571) == 1143 and choice.rows_per_step == 6
+    assert "batch ~1.14k tokens/step (6 unpacked rows × 190 real tokens on average, of up to 512)" in choice.describe(512)
 
 
 def _open_config(tmp_path, **sections):
@@ -467,3 +471,31 @@ def test_probe_times_the_rows_the_run_will_see(tmp_path, monkeypatch, pack):
     assert plan.measured_tokens_per_s == pytest.approx(micro_batch * lengths.mean() / 0.5)
     assert plan.tokens_per_row == pytest.approx(lengths.mean())
     assert any(n.startswith("probe: unpacked rows") and f"{width} tokens for {micro_batch} row(s)" in n for n in plan.notes)
+
+
+def test_a_batch_in_tokens_counts_the_real_tokens_of_unpacked_rows(tmp_path):
+    """data.pack: false with examples far shorter than data.seq_len: a batch pinned in tokens, and the
+    planner's own, are rows holding that many real tokens on average — not rows of seq_len, which
+    would round 4 × 60 tokens down to a single row (or, for the rule's batch, far fewer than it asked)."""
+    from budgetune.data import row_lengths
+    from budgetune.models import load_tokenizer
+
+    raw = _short_rows_config(tmp_path, pack=False)
+    cfg = load_config(raw)
+    mean = row_lengths(cfg, load_tokenizer(cfg, log=lambda m: None), log=lambda m: None).mean()
+    assert mean < 200
+    pinned = load_config(raw, {"train": {"batch_tokens": int(4 * mean)}})
+    plan = make_plan(pinned, probe_steps=0, log=lambda m: None, measure_batch_speed=False)
+    assert plan.best.recipe.micro_batch * plan.best.recipe.grad_accum == 4
+    assert plan.tokens_per_row == pytest.approx(mean)
+    # open: the rule's tokens, in rows of the data's mean length
+    plan = make_plan(load_config(raw, {"budget": {"time": None, "tokens": 5e6}}), probe_steps=0, log=lambda m: None)
+    batch = plan.batch
+    assert batch.tokens_per_row == pytest.approx(mean) and batch.rows_per_step == round(batch.batch_tokens / mean) > 2
+    recipe = plan.best.recipe  # the config pins micro_batch 4: accumulation fills the rows to within one micro-batch
+    assert abs(recipe.micro_batch * recipe.grad_accum - batch.rows_per_step) < recipe.micro_batch
+    assert "unpacked rows" in batch.describe(512)
+    # packed rows stay rows of seq_len
+    packed = make_plan(load_config(_short_rows_config(tmp_path, pack=True), {"budget": {"time": None, "tokens": 5e6}}),
+                       probe_steps=0, log=lambda m: None)
+    assert packed.batch.tokens_per_row is None and packed.batch.rows_per_step == round(packed.batch.batch_tokens / 512)

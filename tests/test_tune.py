@@ -299,3 +299,25 @@ def test_train_from_python_and_the_command_line_races_when_tune_fraction_is_set(
         ("race", 0.25, {"resume": False, "overwrite": False, "quiet": True}),
         ("run", None, {"resume": False, "extend": False, "overwrite": False, "quiet": True}),
     ]
+
+
+def test_a_tune_on_unpacked_rows_counts_their_real_tokens_per_step(tmp_path):
+    """data.pack: false on examples far shorter than data.seq_len: the race's step is the planned rows
+    times the real tokens they hold (the unit its speed is measured in), and the run pinned to that
+    many tokens trains the same rows."""
+    import budgetune
+    from budgetune.config import load_config
+    from budgetune.data import row_lengths
+    from budgetune.models import load_tokenizer
+    from helpers import write_chat_jsonl
+
+    cfg = _tune_config(tmp_path, write_chat_jsonl(tmp_path / "chat.jsonl", n=40), time="20s")
+    cfg["data"].update(seq_len=512, pack=False)
+    cfg["tune"]["min_steps"] = 100_000  # no race: the planned recipe trains
+    loaded = load_config(cfg)
+    mean = row_lengths(loaded, load_tokenizer(loaded, log=lambda m: None), log=lambda m: None).mean()
+    summary = budgetune.tune(cfg, quiet=True)
+    state = json.loads((Path(summary["run_dir"]) / "tune.json").read_text())
+    rows = summary["recipe"]["micro_batch"] * summary["recipe"]["grad_accum"]
+    assert mean < 200 and state["step_tokens"] == round(rows * mean) < rows * 512
+    assert summary["recipe"]["batch_tokens"] == state["step_tokens"]

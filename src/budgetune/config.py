@@ -157,7 +157,7 @@ class BudgetConfig:
 
 @dataclass
 class TrainConfig:
-    batch_tokens: str | int | None = None  # tokens per optimizer step (all processes); null = the planner picks it from the tokens the budget buys
+    batch_tokens: str | int | None = None  # tokens per optimizer step (all processes; unpacked rows count their real tokens); null = the planner picks it from the tokens the budget buys
     micro_batch: int = 8  # rows per forward/backward; the planner may change it when you do not set it
     grad_accum: int = 1  # micro-batches per optimizer step (rows per step = micro_batch × grad_accum × processes)
     seed: int = 0  # model init, data order, held-out split

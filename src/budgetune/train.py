@@ -414,23 +414,30 @@ def _split_fast_forward_rows(run: Run) -> None:
         keep_going=lambda: not run.clock.should_stop())
 
 
+def step_tokens(run: Run) -> int:
+    """Tokens per optimizer step, all processes: rows of data.seq_len, or for unpacked rows the real
+    tokens they hold on average (the planner counted them)."""
+    per_row = (run.prediction or {}).get("tokens_per_row") or run.cfg.data.seq_len
+    return round(run.sampler.micro_batch * run.accum * run.world * per_row)
+
+
 def _check_the_budget_buys_steps(run: Run) -> None:
     """Say before spending a time budget that it cannot buy one optimizer step; warn when it buys few."""
     clock, speed = run.clock, (run.prediction or {}).get("measured_tokens_per_s")
     if clock.budget.time_s is None or not speed:
         return
-    step_tokens = round(run.sampler.micro_batch * run.accum * run.world * (run.prediction.get("tokens_per_row") or run.cfg.data.seq_len))
-    step_s = step_tokens / speed
+    tokens = step_tokens(run)
+    step_s = tokens / speed
     window = clock.budget.time_s - clock.reserve_s - clock.elapsed()
     if step_s > window:
         raise BudgetuneError(
             f"the time budget cannot buy one optimizer step: of budget.time {clock.budget.time_s:.0f}s, "
             f"{clock.elapsed():.1f}s went to planning, data preparation and the first eval and {clock.reserve_s:.1f}s is kept "
-            f"for the final eval + save, leaving {max(0.0, window):.1f}s; one step of {step_tokens:,} tokens takes ~{step_s:.1f}s "
+            f"for the final eval + save, leaving {max(0.0, window):.1f}s; one step of {tokens:,} tokens takes ~{step_s:.1f}s "
             f"(measured {speed:,.0f} tokens/s). Raise budget.time (to at least {clock.budget.time_s - window + 3 * step_s:.0f}s), "
             "or lower train.batch_tokens / data.seq_len / eval.max_tokens")
     if window / step_s < FEW_STEPS:
-        run.say(f"warning: the budget buys only ~{int(window / step_s)} optimizer steps of {step_tokens:,} tokens "
+        run.say(f"warning: the budget buys only ~{int(window / step_s)} optimizer steps of {tokens:,} tokens "
                 f"(~{step_s:.1f}s each); raise budget.time for a model that learns more")
 
 
@@ -590,7 +597,7 @@ def finish(run: Run) -> dict:
         "predicted": run.speed.annotate(run.prediction),  # the planner's numbers for this recipe, each tokens/s labelled
         "recipe": {"method": cfg.method.name, "micro_batch": run.sampler.micro_batch, "grad_accum": run.accum,
                    "gradient_checkpointing": cfg.model.gradient_checkpointing, "lr": cfg.optim.lr,
-                   "batch_tokens": run.sampler.micro_batch * run.accum * run.world * cfg.data.seq_len},
+                   "batch_tokens": step_tokens(run)},
         "epochs": round(run.sampler.epoch, 4),
         "fast_forward_repeats": run.fast_forward.repeats if run.fast_forward else None,
         "bad_steps": run.bad.total,

@@ -286,7 +286,7 @@ class Race:
             raise BudgetuneError("tune: the planner could not model this recipe (see above), and the race needs its "
                                  "prediction of speed to slice the budget; train it with `budgetune train` instead")
         rows = planned.train.micro_batch * planned.train.grad_accum
-        step_tokens = rows * cfg.data.seq_len
+        step_tokens = round(rows * (prediction.get("tokens_per_row") or cfg.data.seq_len))  # unpacked rows: their real tokens
         base_speed = prediction.get("measured_tokens_per_s") or prediction["tokens_per_s"]
         pinned = cfg.explicit
         space = cfg.tune.space

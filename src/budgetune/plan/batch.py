@@ -17,7 +17,8 @@ planner chooses the batch from D, not from throughput:
   training from scratch; `budgetune tune` races the LR.
 
 Keys the user pinned (`train.batch_tokens`, `train.micro_batch` + `train.grad_accum`, `optim.lr`)
-are never changed.
+are never changed. A batch in tokens counts real tokens: packed rows hold data.seq_len of them,
+unpacked rows (data.pack: false) the data's mean row length, so short examples give more rows.
 """
 
 from __future__ import annotations
@@ -34,17 +35,22 @@ TIME_OVERHEAD = 0.9  # share of a time budget expected to go to optimizer steps 
 @dataclass
 class BatchChoice:
     batch_tokens: int  # the target (the rule's output, before rounding to whole rows)
-    rows_per_step: int  # rows of seq_len tokens per optimizer step, all processes together
+    rows_per_step: int  # rows per optimizer step, all processes together
     tokens_in_budget: float  # D: what the rule was given
     basis: str  # where D came from ("budget.tokens", "time × predicted tokens/s", ...)
     rule: str  # which rule, with its numbers
     lr: float | None = None  # a learning rate to go with it; None = keep optim.lr
     lr_step_law: float | None = None  # Step Law's LR before the cap (when `lr` came from it)
+    tokens_per_row: float | None = None  # unpacked rows: the data's mean real tokens per row (None: full rows of seq_len)
 
     def describe(self, seq_len: int) -> str:
         """One line for `plan` and the train log."""
-        text = (f"batch {_short(self.rows_per_step * seq_len)} tokens/step ({self.rows_per_step} × {seq_len}) because "
-                f"the budget buys ~{_short(self.tokens_in_budget)} tokens ({self.basis}); {self.rule}")
+        if self.tokens_per_row is None:
+            shape = f"{_short(self.rows_per_step * seq_len)} tokens/step ({self.rows_per_step} × {seq_len})"
+        else:
+            shape = (f"~{_short(self.rows_per_step * self.tokens_per_row)} tokens/step ({self.rows_per_step} unpacked rows "
+                     f"× {self.tokens_per_row:.0f} real tokens on average, of up to {seq_len})")
+        text = (f"batch {shape} because the budget buys ~{_short(self.tokens_in_budget)} tokens ({self.basis}); {self.rule}")
         if self.lr is not None:
             law = f"Step Law: 1.79·N^−0.713·D^0.307"
             if self.lr_step_law is not None and self.lr < self.lr_step_law:
@@ -82,23 +88,25 @@ def tokens_the_budget_buys(budget, tokens_per_s: float | None, flops_per_token: 
 
 
 def choose_batch(budget, tokens_per_s: float | None, flops_per_token: float, seq_len: int, world: int, scratch: bool,
-                 non_embedding_params: float | None = None, choose_lr: bool = False) -> BatchChoice | None:
-    """The batch (and, from scratch with the LR open, the LR) for this budget; None if the budget gives no D."""
+                 non_embedding_params: float | None = None, choose_lr: bool = False,
+                 tokens_per_row: float | None = None) -> BatchChoice | None:
+    """The batch (and, from scratch with the LR open, the LR) for this budget; None if the budget gives no D.
+    `tokens_per_row`: real tokens per unpacked row on average (None: full rows of seq_len)."""
     bought = tokens_the_budget_buys(budget, tokens_per_s, flops_per_token)
     if bought is None:
         return None
     tokens, basis = bought
     target = batch_tokens_for(tokens, scratch)
-    # whole rows per process; at least one row per process
-    rows = max(world, int(round(target / (seq_len * world))) * world)
+    rows = rows_from_batch_tokens(target, tokens_per_row or seq_len, world)
     a, b = STEP_LAW_BATCH if scratch else FINETUNE_BATCH
     rule = (f"Step Law B = {a}·D^{b}" if scratch else f"fine-tuning rule B = {a}·D^{b}") + f" = {target:,.0f}"
     lr = law_lr = None
     if scratch and choose_lr and non_embedding_params:
         lr, law_lr = scratch_lr(non_embedding_params, tokens), step_law(non_embedding_params, tokens)[0]
-    return BatchChoice(int(target), rows, tokens, basis, rule, lr, law_lr)
+    return BatchChoice(int(target), rows, tokens, basis, rule, lr, law_lr, tokens_per_row)
 
 
-def rows_from_batch_tokens(batch_tokens: float, seq_len: int, world: int) -> int:
-    """Rows per step (all processes) for a batch the user pinned in tokens."""
-    return max(world, int(round(batch_tokens / (seq_len * world))) * world)
+def rows_from_batch_tokens(batch_tokens: float, tokens_per_row: float, world: int) -> int:
+    """Rows per step (all processes) for a batch in tokens: whole rows per process, at least one each.
+    `tokens_per_row`: data.seq_len for packed rows, the data's mean real row length for unpacked ones."""
+    return max(world, int(round(batch_tokens / (tokens_per_row * world))) * world)

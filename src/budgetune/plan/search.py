@@ -192,10 +192,11 @@ def batch_is_open(cfg) -> bool:
     return cfg.train.batch_tokens is None and "train.grad_accum" not in cfg.explicit
 
 
-def rows_per_process(cfg, world: int, planned_rows: int | None = None) -> int:
-    """Rows per optimizer step on each process: the pinned batch, else the planner's, else the config's."""
+def rows_per_process(cfg, world: int, planned_rows: int | None = None, tokens_per_row: float | None = None) -> int:
+    """Rows per optimizer step on each process: the pinned batch, else the planner's, else the config's.
+    `tokens_per_row`: real tokens per unpacked row on average (None: rows of data.seq_len)."""
     if cfg.train.batch_tokens is not None:
-        return rows_from_batch_tokens(parse_count(cfg.train.batch_tokens), cfg.data.seq_len, world) // world
+        return rows_from_batch_tokens(parse_count(cfg.train.batch_tokens), tokens_per_row or cfg.data.seq_len, world) // world
     if planned_rows is not None and batch_is_open(cfg):
         return max(1, planned_rows // world)
     return cfg.train.micro_batch * cfg.train.grad_accum
@@ -210,13 +211,13 @@ def systems(cfg, device: torch.device) -> dict:
             "fused_loss": use_liger(cfg, device.type)}
 
 
-def candidate_recipes(cfg, device: torch.device, planned_rows: int | None = None) -> list[Recipe]:
+def candidate_recipes(cfg, device: torch.device, planned_rows: int | None = None, tokens_per_row: float | None = None) -> list[Recipe]:
     """Every recipe the config leaves open. `planned_rows`: rows per step (all processes) that the
-    planner chose for the budget (plan/batch.py); pinned keys win over it."""
+    planner chose for the budget (plan/batch.py); pinned keys win over it. `tokens_per_row`: see rows_per_process."""
     pinned = cfg.explicit
     methods = [cfg.method.name] if "method.name" in pinned or cfg.method.name not in ("full", "lora") else ["full", "lora"]
     world, zero = distributed_setup(cfg)
-    rows_per_step = rows_per_process(cfg, world, planned_rows)
+    rows_per_step = rows_per_process(cfg, world, planned_rows, tokens_per_row)
     if "train.micro_batch" in pinned:
         mb = cfg.train.micro_batch  # pinned: a floor on the rows per step
         shapes = [(mb, cfg.train.grad_accum if "train.grad_accum" in pinned else max(1, round(rows_per_step / mb)))]
@@ -296,11 +297,18 @@ def make_plan(cfg, probe_steps: int | None = None, log=print, measure_batch_spee
             out.append(c)
         return out
 
+    def tokens_per_row() -> float | None:  # a batch in tokens counts real ones: unpacked rows hold the data's mean
+        if cfg.data.pack or not (batch_is_open(cfg) or cfg.train.batch_tokens is not None):
+            return None
+        lengths = row_lengths()
+        return float(lengths.mean()) if lengths is not None else None
+
     method_rank = {"full": 0, "lora": 1}
     rank = lambda c: (not c.fits, method_rank.get(c.recipe.method, 2), c.recipe.quantize is not None, -c.tokens_per_s,  # noqa: E731
                       c.recipe.gradient_checkpointing, -c.recipe.micro_batch)
-    candidates = sorted(evaluate(candidate_recipes(cfg, device)), key=rank)
     notes = [_memory_note(cfg, memory_budget)]
+    per_row = tokens_per_row()
+    candidates = sorted(evaluate(candidate_recipes(cfg, device, tokens_per_row=per_row)), key=rank)
     batch, measured, timed = None, None, []
     if batch_is_open(cfg) and candidates:
         # the objective is the model at the end of the budget: the batch follows the tokens it buys
@@ -312,7 +320,7 @@ def make_plan(cfg, probe_steps: int | None = None, log=print, measure_batch_spee
             # time the step the run will probably take — the rule's batch at the device guess's speed — not the
             # largest micro-batch memory allows: 8 rows of 512 on SmolLM2-135M cost ~100 s of a 300 s CPU budget
             guess = choose_batch(Budget.from_config(cfg.budget), best.tokens_per_s, best.flops_per_token, cfg.data.seq_len,
-                                 best.recipe.world_size, scratch=cfg.model.init == "scratch")
+                                 best.recipe.world_size, scratch=cfg.model.init == "scratch", tokens_per_row=per_row)
             expected = max(1, guess.rows_per_step // best.recipe.world_size) if guess is not None else best.recipe.micro_batch
             probed = dataclasses.replace(best, recipe=dataclasses.replace(best.recipe, micro_batch=min(expected, best.recipe.micro_batch)))
             timed = _calibrate(config, [probed], 1, device, log, row_lengths())
@@ -320,7 +328,7 @@ def make_plan(cfg, probe_steps: int | None = None, log=print, measure_batch_spee
         batch = choose_batch(Budget.from_config(cfg.budget), best.tokens_per_s, best.flops_per_token, cfg.data.seq_len,
                              best.recipe.world_size, scratch=cfg.model.init == "scratch",
                              non_embedding_params=non_embedding_parameters(config, n_matmul),
-                             choose_lr="optim.lr" not in cfg.explicit)
+                             choose_lr="optim.lr" not in cfg.explicit, tokens_per_row=per_row)
         if batch is not None:
             candidates = sorted(evaluate(candidate_recipes(cfg, device, batch.rows_per_step)), key=rank)
             notes.append(batch.describe(cfg.data.seq_len))
