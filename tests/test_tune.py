@@ -319,5 +319,5 @@ def test_a_tune_on_unpacked_rows_counts_their_real_tokens_per_step(tmp_path):
     summary = budgetune.tune(cfg, quiet=True)
     state = json.loads((Path(summary["run_dir"]) / "tune.json").read_text())
     rows = summary["recipe"]["micro_batch"] * summary["recipe"]["grad_accum"]
-    assert mean < 200 and state["step_tokens"] == round(rows * mean) < rows * 512
+    assert mean < 200 and state["step_tokens"] == pytest.approx(rows * mean, rel=1e-3) and state["step_tokens"] < rows * 512
     assert summary["recipe"]["batch_tokens"] == state["step_tokens"]
