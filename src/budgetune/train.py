@@ -45,7 +45,7 @@ from .metrics import MetricsLog, check_trackers, environment, flat_config, peak_
 from .models import count_parameters, load_model, load_tokenizer
 from .optim import build_optimizer, updates_in_backward
 from .plan import flops_per_token, matmul_parameters
-from .plan.search import plan_for_training
+from .plan.search import plan_for_training, step_tokens as tokens_in
 from .plan.throughput import reference_flops_per_token
 from .plan.throughput import SpeedCalibration
 from .report import report
@@ -415,10 +415,8 @@ def _split_fast_forward_rows(run: Run) -> None:
 
 
 def step_tokens(run: Run) -> int:
-    """Tokens per optimizer step, all processes: rows of data.seq_len, or for unpacked rows the real
-    tokens they hold on average (the planner counted them)."""
-    per_row = (run.prediction or {}).get("tokens_per_row") or run.cfg.data.seq_len
-    return round(run.sampler.micro_batch * run.accum * run.world * per_row)
+    """Tokens per optimizer step, all processes (plan.search.step_tokens)."""
+    return tokens_in(run.sampler.micro_batch * run.accum * run.world, run.prediction, run.cfg.data.seq_len)
 
 
 def _check_the_budget_buys_steps(run: Run) -> None:

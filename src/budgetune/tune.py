@@ -269,7 +269,7 @@ class Race:
     def plan(self) -> dict:
         """Candidates, slices and the state file; the planner's batch (one timed step) is the whole run's."""
         from .methods import METHODS
-        from .plan.search import make_plan, plan_for_training
+        from .plan.search import make_plan, plan_for_training, step_tokens as tokens_in
 
         from .data import prepare_data
         from .models import load_tokenizer
@@ -286,7 +286,7 @@ class Race:
             raise BudgetuneError("tune: the planner could not model this recipe (see above), and the race needs its "
                                  "prediction of speed to slice the budget; train it with `budgetune train` instead")
         rows = planned.train.micro_batch * planned.train.grad_accum
-        step_tokens = round(rows * (prediction.get("tokens_per_row") or cfg.data.seq_len))  # unpacked rows: their real tokens
+        step_tokens = tokens_in(rows, prediction, cfg.data.seq_len)  # unpacked rows: their real tokens
         base_speed = prediction.get("measured_tokens_per_s") or prediction["tokens_per_s"]
         pinned = cfg.explicit
         space = cfg.tune.space

@@ -477,6 +477,12 @@ def recipe_from_config(cfg, device: torch.device) -> Recipe:
     )
 
 
+def step_tokens(rows: int, prediction: dict | None, seq_len: int) -> int:
+    """Tokens in an optimizer step of `rows` rows: rows of seq_len, or for unpacked rows the real tokens
+    they hold on average (`plan_for_training`'s prediction counted them)."""
+    return round(rows * ((prediction or {}).get("tokens_per_row") or seq_len))
+
+
 def plan_for_training(cfg, log=print):
     """(config to train, prediction for it): the planner's choices applied to what the config leaves open."""
     from ..errors import BudgetuneError
