@@ -141,7 +141,33 @@ def test_pure_bf16_loads_bf16_weights_and_gets_the_kahan_adamw():
     assert {k: v.dtype for k, v in state.items() if torch.is_tensor(v) and v.ndim} == {
         "exp_avg": torch.bfloat16, "exp_avg_sq": torch.bfloat16, "kahan_comp": torch.bfloat16}
     fp32 = build_optimizer(torch.nn.Linear(8, 8), OptimConfig(lr=1e-3))
-    assert isinstance(fp32, torch.optim.AdamW)  # fp32 weights keep torch's AdamW (fused on CUDA)
+    assert isinstance(fp32, torch.optim.AdamW)  # fp32 weights keep torch's AdamW (fused on CPU and CUDA)
+
+
+def test_fp32_weights_on_the_cpu_get_the_fused_adamw_and_it_is_adamw():
+    """The fused kernel (in place, no per-tensor temporaries) steps exactly as torch's reference AdamW,
+    with the decayed and undecayed groups, and its state resumes into a fresh optimizer."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 8))
+    twin = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 8))
+    twin.load_state_dict(model.state_dict())
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1, beta2=0.95)
+    fused = build_optimizer(model, cfg)
+    assert fused.defaults["fused"] and len(fused.param_groups) == 2  # matrices decayed, vectors not
+    reference = torch.optim.AdamW([{**g, "params": list(twin_g)} for g, twin_g in zip(
+        fused.param_groups, [[p for p in twin.parameters() if p.ndim >= 2], [p for p in twin.parameters() if p.ndim < 2]])],
+        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=False)
+    x = torch.randn(64, 16)
+    for _ in range(5):
+        for m, opt in ((model, fused), (twin, reference)):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    resumed = build_optimizer(model, cfg)
+    resumed.load_state_dict(fused.state_dict())
+    assert all(torch.equal(resumed.state[p]["exp_avg_sq"], fused.state[p]["exp_avg_sq"]) for p in model.parameters())
 
 
 def _track(kind: str, steps: int = 400, lr: float = 1e-4) -> torch.Tensor:

@@ -47,8 +47,8 @@ Terms (bytes), as resident at the predicted peak — `total` is their sum:
 * `logits_loss` — see phase 1: 3 × B·T·V × 4 bytes (fp32 on CPU; on CUDA the bf16 logits,
   their bf16 flat copy and the fp32 `.float()` copy/log-softmax/grads give about the same).
 * `workspace` — transients: a layer's backward temporaries (≈ one [B,T,max(I, 3H)]
-  buffer), the CPU AdamW's per-parameter temporaries (single-tensor path: `sqrt` and the
-  division, 2 × the largest parameter; torch uses neither foreach nor fused on CPU), and
+  buffer), with pure bf16 on the CPU torch-optimi's AdamW temporaries (`sqrt` and the
+  division, 2 × the largest parameter; torch's own AdamW runs fused, in place, everywhere), and
   under ZeRO-3 one gathered layer of full weights; with a quantised base, the dequantisation
   workspace: each quantised matmul dequantises its weight to the compute dtype (fp32 on CPU,
   bf16 on CUDA) for forward and again in backward, one [out, in] weight at a time — the
@@ -481,10 +481,11 @@ def estimate_memory(config, recipe: Recipe, device_type: str = "cpu", overhead_b
         mask_resident = bool_mask
     else:
         saved_per_layer, mask_per_layer, recomputed, mask_resident = per_layer, float_mask, 0, 0
-    # CPU AdamW (single-tensor path): sqrt + division temporaries of the largest trainable tensor
+    # torch's AdamW is fused (in place, no temporaries) on CPU and CUDA; torch-optimi's Kahan AdamW (pure bf16) on
+    # the CPU keeps per-tensor temporaries: sqrt + division of the largest trainable tensor
     largest = arch.layer_largest_parameter if badam else arch.largest_parameter if not adapter else max(
         [recipe.lora_r * max(lin.in_features, lin.out_features) for lin in lora_linears(arch, recipe.lora_targets)] or [0])
-    opt_ws = 2 * 4 * largest if (not cuda and recipe.optimizer == "adamw") else 0
+    opt_ws = 2 * 4 * largest if (not cuda and pure and recipe.optimizer == "adamw") else 0
     zero3_ws = arch.layer_parameters * base_bytes if zero >= 3 else 0
     g_accum = g_total if recipe.grad_accum > 1 else 0
     comm = 4 * trainable if (world > 1 and zero == 0) else 0
