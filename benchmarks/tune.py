@@ -120,7 +120,8 @@ def main() -> None:
     ap.add_argument("--seconds", default="300,600")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--contestants", help="default: defaults, tune and every peer race.py has for the task")
-    ap.add_argument("--lr", type=float, default=3e-4, help="peak LR of the defaults and the peers (tune races its own)")
+    ap.add_argument("--lr", type=float, default=3e-4, help="peak LR of the peers; budgetune's defaults leave optim.lr open (3e-4, an adapter "
+                                                          "method's ×ADAPTER_LR_SCALE, Step Law's from scratch); tune races its own")
     ap.add_argument("--modes", action="store_true", help="instead: tune with tune.mode cooldown against branch")
     ap.add_argument("--tokens", help="a token budget instead of --seconds (results independent of the machine's load)")
     ap.add_argument("--work", help="work folder (reuses its base model, data and caches)")

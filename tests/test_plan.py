@@ -230,6 +230,26 @@ def test_pinned_batch_lr_and_micro_batch_stay(tmp_path):
     assert plan.batch is None and all(c.recipe.micro_batch * c.recipe.grad_accum == 16 for c in plan.candidates)
 
 
+def test_an_adapter_method_trains_at_a_larger_lr_unless_the_lr_is_pinned(tmp_path):
+    from budgetune.plan.batch import ADAPTER_LR_SCALE
+
+    corpus = write_text_corpus(tmp_path / "c", n_files=2)
+    open_lr = tiny_config(tmp_path, corpus, budget={"steps": 2})
+    del open_lr["optim"]["lr"]  # left open: the default 3e-4 is the base
+    cfg = load_config(open_lr, {"method": {"name": "lora"}})
+    plan = make_plan(cfg, probe_steps=0, log=lambda m: None)
+    assert apply_plan(cfg, plan).optim.lr == pytest.approx(ADAPTER_LR_SCALE * 3e-4)
+    assert f"peak LR {ADAPTER_LR_SCALE * 3e-4:.3g}: lora is an adapter method, trained at {ADAPTER_LR_SCALE:g}× the base LR 0.0003 (pin optim.lr to choose it)" in plan.notes
+    summary = train(cfg, quiet=True)  # what the run trains at, and what its folder records
+    assert summary["recipe"]["lr"] == pytest.approx(ADAPTER_LR_SCALE * 3e-4)
+    assert load_config(Path(summary["run_dir"]) / "config.yaml").optim.lr == pytest.approx(ADAPTER_LR_SCALE * 3e-4)
+    pinned = load_config(cfg, {"optim": {"lr": 1e-3}})
+    assert apply_plan(pinned, make_plan(pinned, probe_steps=0, log=lambda m: None)).optim.lr == 1e-3
+    full = load_config(open_lr, {"method": {"name": "full"}})
+    plan = make_plan(full, probe_steps=0, log=lambda m: None)
+    assert apply_plan(full, plan).optim.lr == 3e-4 and not any("adapter method" in n for n in plan.notes)
+
+
 def test_plan_table_fits_80_columns_uncut():
     """Wide values (long method names, 64×64, GiB, 100k+ tok/s, billions) in a piped 80-column console."""
     import io

@@ -139,6 +139,17 @@ def test_pinned_keys_stay_pinned(tmp_path, corpus):
     assert {t["lr"] for t in state["trials"]} == {2e-3} and {t["method"] for t in state["trials"]} == {"full", "lora"}
 
 
+def test_the_lr_grid_is_centred_on_each_methods_own_lr(tmp_path, corpus):
+    from budgetune.plan.batch import ADAPTER_LR_SCALE
+
+    state, _ = _plan(tmp_path, corpus, tune={"min_steps": 1, "space": {"methods": ["full", "lora"], "ranks": [8], "lr": [1.0]}})
+    lr = {t["method"]: t["lr"] for t in state["trials"]}
+    assert lr["lora"] == pytest.approx(ADAPTER_LR_SCALE * lr["full"]) and state["lr_centre"] == pytest.approx(lr["full"])
+    # the planner's method is the adapter: its planned LR is already its own, the grid does not scale it again
+    state, _ = _plan(tmp_path / "b", corpus, method={"name": "lora"}, tune={"min_steps": 1, "space": {"ranks": [8], "lr": [0.5, 1.0]}})
+    assert sorted(t["lr"] for t in state["trials"]) == pytest.approx([0.5 * state["lr_centre"], state["lr_centre"]])
+
+
 # --- end to end ---------------------------------------------------------------------------------------------------
 
 

@@ -117,7 +117,7 @@ class ObjectiveConfig:
 @dataclass
 class OptimConfig:
     name: str = "adamw"  # adamw, sgd, adamw8bit, adamw_fp8, galore, frugal, lomo, apollo, apollo_mini, gum, natural_galore
-    lr: float = 3e-4  # peak learning rate; the schedule scales it by budget progress
+    lr: float = 3e-4  # peak learning rate; the schedule scales it by budget progress. Left unset: adapter methods train at 4× it, from scratch Step Law gives it
     weight_decay: float = 0.0  # decoupled, matrices only
     beta1: float = 0.9  # Adam β1 (SGD: momentum)
     beta2: float = 0.95  # Adam β2

@@ -58,7 +58,6 @@ from .train import train
 from .units import format_count, format_duration, parse_count, parse_duration
 
 STATE = "tune.json"  # the race's state in the run folder: the candidates, every reading, the winner
-ADAPTER_LR_SCALE = 4.0  # an adapter method's default LR relative to full fine-tuning's (5e-4 vs 2e-3 in benchmarks/methods.py)
 BRANCH_SHARE = 0.2  # branch mode: the cooldown branch that reads a trial's loss is this share of the trial's tokens
 OVERHEAD_FIXED_S = 1.0  # wall-clock of one trial call beyond its optimizer steps and evals (plan, model load, data from
 # the cache, checkpoint, save), until the first trial measures the whole overhead: ~1 s for the tiny test Llama on a
@@ -268,7 +267,7 @@ class Race:
     # --- planning --------------------------------------------------------------------------------------------
     def plan(self) -> dict:
         """Candidates, slices and the state file; the planner's batch (one timed step) is the whole run's."""
-        from .methods import METHODS
+        from .plan.batch import method_lr_scale
         from .plan.search import make_plan, plan_for_training, step_tokens as tokens_in
 
         from .data import prepare_data
@@ -317,7 +316,8 @@ class Race:
                                  "`budgetune plan`); widen tune.space.methods or raise budget.memory")
         base_guess = guesses.get(first) or combos[0].speed_guess
 
-        lr0 = planned.optim.lr
+        lr0 = planned.optim.lr  # the planned method's LR; the grid is centred on each method's own (plan/batch.py)
+        base_lr = lr0 if "optim.lr" in pinned else lr0 / method_lr_scale(planned.method.name)
         lr_factors = [1.0] if "optim.lr" in pinned else sorted(space.lr, key=lambda f: (abs(math.log(f)), f))
         any_adapter = any(_has_rank(c.method) for c in combos)
         default_r = cfg.method.r if hasattr(cfg.method, "r") else 16
@@ -365,10 +365,9 @@ class Race:
         trials = []
         if n >= 2:
             for combo in dims["combos"]:
-                adapter = METHODS[combo.method].adapter
                 for r in (dims["ranks"] if _has_rank(combo.method) else [None]):
                     for f in sorted(dims["lr"]):
-                        lr = lr0 if "optim.lr" in pinned else lr0 * f * (ADAPTER_LR_SCALE if adapter else 1.0)
+                        lr = lr0 if "optim.lr" in pinned else base_lr * f * method_lr_scale(combo.method)
                         trials.append(self._trial(len(trials), combo, r, lr, base_speed * combo.speed_guess / base_guess))
         state = {"version": 1, "phase": "race" if len(trials) >= 2 else "no_race", "unit": unit, "budget": budget,
                  "fraction": race_fraction(cfg), "eta": cfg.tune.eta, "mode": cfg.tune.mode, "overhead_s": overhead,

@@ -13,8 +13,14 @@ planner chooses the batch from D, not from throughput:
   data nobody tuned for, 512 tokens per step beat Step Law's ~1.5k by 0.16–0.25 nats (full FT) and
   0.04 (LoRA r16), and 4,096 lost by 0.5 (`benchmarks/race.py --sweep train.batch_tokens=…`,
   docs/benchmarks.md "The race"). The exponent is Step Law's, not fitted (one budget was swept).
-  The learning rate stays the configured one (`optim.lr`), since Step Law's LR fit is for
+  The learning rate is the configured one (`optim.lr`), since Step Law's LR fit is for
   training from scratch; `budgetune tune` races the LR.
+
+An adapter method (LoRA and the other peft-style methods) trains at ADAPTER_LR_SCALE × that LR
+when `optim.lr` is left open: a low-rank update needs a larger step than full fine-tuning
+(Biderman et al. 2024 and Schulman et al. 2025, "LoRA Without Regret", find LoRA's best LR ~10×
+full fine-tuning's); measured here with `benchmarks/race.py --races finetune-lora --sweep optim.lr=…`
+(docs/benchmarks.md "The race", LR per method).
 
 Keys the user pinned (`train.batch_tokens`, `train.micro_batch` + `train.grad_accum`, `optim.lr`)
 are never changed. A batch in tokens counts real tokens: packed rows hold data.seq_len of them,
@@ -28,6 +34,7 @@ from dataclasses import dataclass
 from .scaling import STEP_LAW_BATCH, STEP_LAW_MAX_LR, scratch_lr, step_law
 
 FINETUNE_BATCH = (0.19, 0.571)  # fine-tuning: a third of Step Law's constant, from the batch sweeps in docs/benchmarks.md
+ADAPTER_LR_SCALE = 4.0  # an adapter method's LR relative to full fine-tuning's, when optim.lr is open (measured)
 MIN_BATCH_TOKENS = 256  # below this a step's gradient is mostly noise, whatever the budget
 TIME_OVERHEAD = 0.9  # share of a time budget expected to go to optimizer steps (data, evals, saves take the rest)
 
@@ -110,3 +117,10 @@ def rows_from_batch_tokens(batch_tokens: float, tokens_per_row: float, world: in
     """Rows per step (all processes) for a batch in tokens: whole rows per process, at least one each.
     `tokens_per_row`: data.seq_len for packed rows, the data's mean real row length for unpacked ones."""
     return max(world, int(round(batch_tokens / (tokens_per_row * world))) * world)
+
+
+def method_lr_scale(method: str) -> float:
+    """The factor on the base LR (optim.lr, or Step Law's from scratch) for `method` when optim.lr is open."""
+    from ..methods import METHODS
+
+    return ADAPTER_LR_SCALE if METHODS[method].adapter else 1.0

@@ -24,7 +24,7 @@ from ..optim import updates_in_backward
 from ..units import format_bytes, format_count, parse_bytes, parse_count, parse_duration
 from ..budget import Budget
 from ..data.sources import estimate_unique_tokens
-from .batch import BatchChoice, choose_batch, rows_from_batch_tokens
+from .batch import BatchChoice, choose_batch, method_lr_scale, rows_from_batch_tokens
 from .memory import MemoryEstimate, allocator_basis, estimate_memory, with_allocator
 from .recipe import Recipe, prepare_method
 from .scaling import ScratchProposal, propose_scratch
@@ -359,6 +359,10 @@ def make_plan(cfg, probe_steps: int | None = None, log=print, measure_batch_spee
     lengths = rows.get("lengths")
     if lengths is not None:
         notes.append(probe_shape_note(lengths, timed))
+    best = next((c for c in candidates if c.fits), None)
+    if best is not None and "optim.lr" not in cfg.explicit and method_lr_scale(best.recipe.method) != 1.0:
+        notes.append(f"peak LR {planned_lr(cfg, batch, best.recipe.method):.3g}: {best.recipe.method} is an adapter method, trained at "
+                     f"{method_lr_scale(best.recipe.method):g}× the base LR {planned_lr(cfg, batch, 'full'):.3g} (pin optim.lr to choose it)")
     return Plan(device.type, memory_budget, candidates, unique, scratch, notes, batch, measured,
                 float(lengths.mean()) if lengths is not None else None)
 
@@ -451,8 +455,10 @@ def apply_plan(cfg, plan: Plan):
     train = {k: v for k, v in (("micro_batch", r.micro_batch), ("grad_accum", r.grad_accum)) if f"train.{k}" not in cfg.explicit}
     if train:
         overrides["train"] = train
-    if plan.batch is not None and plan.batch.lr is not None and "optim.lr" not in cfg.explicit:
-        overrides["optim"] = {"lr": plan.batch.lr}
+    if "optim.lr" not in cfg.explicit:
+        lr = planned_lr(cfg, plan.batch, r.method)
+        if lr != cfg.optim.lr:
+            overrides["optim"] = {"lr": lr}
     if "model.gradient_checkpointing" not in cfg.explicit:
         overrides["model"] = {"gradient_checkpointing": r.gradient_checkpointing}
     if "model.quantize" not in cfg.explicit and r.quantize != cfg.model.quantize:
@@ -462,6 +468,13 @@ def apply_plan(cfg, plan: Plan):
     planned = load_config(cfg, overrides)
     object.__setattr__(planned, "_explicit", cfg.explicit)  # planner choices are not user pins
     return planned
+
+
+def planned_lr(cfg, batch: BatchChoice | None, method: str) -> float:
+    """The peak LR for `method` when optim.lr is open: the base (Step Law's from scratch, else optim.lr)
+    times the method's factor (an adapter trains at a larger LR: plan/batch.py)."""
+    base = batch.lr if batch is not None and batch.lr is not None else cfg.optim.lr
+    return base * method_lr_scale(method)
 
 
 def recipe_from_config(cfg, device: torch.device) -> Recipe:
