@@ -317,7 +317,7 @@ class Race:
         base_guess = guesses.get(first) or combos[0].speed_guess
 
         lr0 = planned.optim.lr  # the planned method's LR; the grid is centred on each method's own (plan/batch.py)
-        base_lr = lr0 if "optim.lr" in pinned else lr0 / method_lr_scale(planned.method.name)
+        base_lr = lr0 / method_lr_scale(planned.method.name)  # full fine-tuning's: each method scales it by its own factor
         lr_factors = [1.0] if "optim.lr" in pinned else sorted(space.lr, key=lambda f: (abs(math.log(f)), f))
         any_adapter = any(_has_rank(c.method) for c in combos)
         default_r = cfg.method.r if hasattr(cfg.method, "r") else 16
