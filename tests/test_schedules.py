@@ -7,7 +7,7 @@ import math
 import pytest
 
 from budgetune.config import ScheduleConfig
-from budgetune.schedules import PROFILES, lr_multiplier
+from budgetune.schedules import PROFILES, lr_multiplier, rewarmed
 
 
 def sched(name: str, **kw) -> ScheduleConfig:
@@ -104,3 +104,13 @@ def test_progress_is_clamped():
     cfg = sched("cosine", warmup=0.1, min_ratio=0.2)
     assert lr_multiplier(1.7, cfg) == pytest.approx(lr_multiplier(1.0, cfg))
     assert lr_multiplier(-0.3, cfg) == 0.0
+
+
+def test_an_extended_run_rewarms_from_where_it_stopped():
+    # extended at progress 0.3 from LR 1e-5 (annealed), warmup 0.1: a line from 1e-5 to the schedule's LR by 0.4
+    assert rewarmed(1e-3, 0.3, 0.3, 1e-5, 0.1) == pytest.approx(1e-5)
+    assert rewarmed(1e-3, 0.35, 0.3, 1e-5, 0.1) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))
+    assert rewarmed(1e-3, 0.4, 0.3, 1e-5, 0.1) == 1e-3
+    assert rewarmed(7e-4, 0.9, 0.3, 1e-5, 0.1) == 7e-4  # the schedule alone after the ramp
+    assert rewarmed(1e-3, 0.35, 0.3, 1e-3, 0.1) == pytest.approx(1e-3)  # a run that had not annealed goes on at its LR
+    assert rewarmed(1e-3, 0.31, 0.3, 1e-5, 0.0) == 1e-3  # schedule.warmup 0: no ramp, as asked

@@ -62,3 +62,14 @@ def lr_multiplier(p: float, cfg) -> float:
     warmup = min(1.0, p / cfg.warmup) if cfg.warmup > 0 else 1.0
     profile = PROFILES[cfg.name](p, cfg)
     return warmup * (cfg.min_ratio + (1.0 - cfg.min_ratio) * profile)
+
+
+def rewarmed(lr: float, q: float, start: float, from_lr: float, warmup: float) -> float:
+    """The LR of a run extended onto a larger budget (`--resume --extend`, a raced trial promoted to a larger slice,
+    the race's winner going on): from the LR it had stopped at, `from_lr`, linearly to the new schedule's `lr` over the
+    next `warmup` of budget progress after `start` (the progress where it took up again); the schedule alone after
+    that. Without it a run that had annealed jumps from ~0 to near the peak in one step (METHODS.md §2: rewarm, then
+    decay)."""
+    if warmup <= 0 or q >= start + warmup:
+        return lr
+    return from_lr + (lr - from_lr) * max(0.0, q - start) / warmup

@@ -19,7 +19,7 @@ import shutil
 import signal
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,7 +50,7 @@ from .plan.throughput import reference_flops_per_token
 from .plan.throughput import SpeedCalibration
 from .report import report
 from .rundir import RunDir
-from .schedules import lr_multiplier
+from .schedules import lr_multiplier, rewarmed
 from .units import format_count, format_duration
 
 REPORT_S = 1.5  # kept back for report.html (matplotlib import + five SVG plots: 0.4–1 s measured on a 2-core CPU)
@@ -160,6 +160,7 @@ class Run:
     step_rates: list[float] = field(default_factory=list)  # tokens/s of each optimizer step
     last: steps.StepResult | None = None
     lr: float = 0.0
+    rewarm: tuple[float, float] | None = None  # (schedule progress, LR) where a run extended onto a larger budget took up again
     eval_every: Every | None = None
     ckpt_every: Every | None = None
     skipped_evals: int = 0
@@ -206,7 +207,9 @@ class Run:
     def lr_between(self, q0: float, q1: float) -> float:
         """The LR of a step is the schedule at the middle of the progress it covers: neither the
         first step (warmup) nor the last (annealed to zero) is wasted at lr = 0."""
-        return self.cfg.optim.lr * self.bad.lr_factor * lr_multiplier(0.5 * (q0 + q1), self.cfg.schedule)
+        q = 0.5 * (q0 + q1)
+        lr = self.cfg.optim.lr * self.bad.lr_factor * lr_multiplier(q, self.cfg.schedule)
+        return rewarmed(lr, q, *self.rewarm, self.cfg.schedule.warmup) if self.rewarm else lr
 
     # --- evals and checkpoints: what they cost is what the budget keeps back --------------------------
     def evaluate(self) -> float:
@@ -256,7 +259,7 @@ class Run:
             method_tensors, method_info = self.method.state_dict(self.raw_model)
             state = {"clock": self.clock.state_dict(), "data_position": self.sampler.position, "eval_loss_before": self.loss_before,
                      "method": method_info, "bad_steps": self.bad.state_dict(), "micro_batch": self.sampler.micro_batch,
-                     "grad_accum": self.accum}
+                     "grad_accum": self.accum, "lr": self.lr, "budget": asdict(self.clock.budget), "rewarm": self.rewarm}
             try:
                 self.checkpointer.save(self.clock.steps, params, self.optimizer, state, method_tensors, wait=final)
                 if final:
@@ -372,6 +375,7 @@ def setup(cfg: Config, run_dir: RunDir, accelerator, resume: bool, extend: bool,
             raise BudgetuneError(f"--extend: the budget ({clock.budget.describe()}) is already spent by the finished run; "
                                  "raise budget.time / budget.tokens / budget.steps / budget.flops to train further")
         log(f"resumed from {latest} (step {clock.steps}, {format_duration(clock.elapsed())} of budget used)")
+        run.rewarm = _rewarm(state, clock, cfg.schedule.warmup, log)
     run.objective.prepare(run)  # checks the data; DPO: its reference (log-probs computed once are paid from the budget)
     if cfg.train.fast_forward:  # its judge: the last few held-out rows, kept out of the reported eval
         _split_fast_forward_rows(run)
@@ -437,6 +441,18 @@ def _check_the_budget_buys_steps(run: Run) -> None:
     if window / step_s < FEW_STEPS:
         run.say(f"warning: the budget buys only ~{int(window / step_s)} optimizer steps of {tokens:,} tokens "
                 f"(~{step_s:.1f}s each); raise budget.time for a model that learns more")
+
+
+def _rewarm(state: dict, clock: BudgetClock, warmup: float, log) -> tuple[float, float] | None:
+    """Where a resumed run's LR ramps from (schedules.rewarmed). On a larger budget than its checkpoint was trained
+    for (--extend, a promoted trial, the race's winner) it ramps from the LR it stopped at — ~0 after a finished
+    run's annealing — to the new schedule over schedule.warmup; resumed on its own budget it keeps the ramp it had
+    (exact resume). Checkpoints from before this was saved carry no LR: no ramp."""
+    if "lr" not in state or state.get("budget") == asdict(clock.budget):
+        return tuple(state["rewarm"]) if state.get("rewarm") else None
+    if warmup > 0:
+        log(f"the budget grew: the LR re-warms from {state['lr']:.3g} over the next {100 * warmup:g}% of the budget")
+    return clock.schedule_progress(), state["lr"]
 
 
 # --- the loop ----------------------------------------------------------------------------------------------------

@@ -10,8 +10,10 @@ import pytest
 import yaml
 
 from budgetune.checkpoint import damage, list_checkpoints, newest_intact
+from budgetune.config import load_config
 from budgetune.errors import BudgetuneError
 from budgetune.rundir import RunDir
+from budgetune.schedules import lr_multiplier, rewarmed
 from budgetune.train import train
 
 from helpers import tiny_config, write_text_corpus
@@ -82,6 +84,45 @@ def test_resume_of_a_finished_run_needs_extend_and_a_larger_budget(tmp_path, cor
         train(cfg, resume=True, extend=True, quiet=True)
     summary = train(cfg, ["--budget.steps", "7"], resume=True, extend=True, quiet=True)
     assert summary["steps"] == 7 and metric_steps(tmp_path / "run") == list(range(1, 8))
+
+
+def metric_lrs(run):
+    return [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines() if "event" not in json.loads(line)]
+
+
+def test_an_extended_run_rewarms_its_lr_and_a_kill_keeps_the_ramp(tmp_path, corpus, monkeypatch):
+    """A finished run (its LR annealed to ~0) extended onto a larger budget ramps the LR from where it stopped to the
+    new schedule over schedule.warmup, instead of jumping near the peak; killed inside the ramp and resumed, it goes
+    on with the same ramp."""
+    checkpoint_module = importlib.import_module("budgetune.checkpoint")
+    sections = {"budget": {"steps": 6}, "schedule": {"name": "cosine", "warmup": 0.5}, "checkpoint": {"every": 0.25}}
+    for name in ("a", "b"):
+        train(tiny_config(tmp_path / name, corpus, **sections), quiet=True)
+    last = metric_lrs(tmp_path / "a" / "run")[-1]
+    assert last < 0.05 * 3e-3  # annealed
+    train(tiny_config(tmp_path / "a", corpus, **sections), ["--budget.steps", "24"], resume=True, extend=True, quiet=True)
+    lrs = metric_lrs(tmp_path / "a" / "run")[6:]
+    cfg = load_config(tiny_config(tmp_path / "a", corpus, **sections))
+    for step, lr in enumerate(lrs, start=7):  # progress is steps / 24; the extension took up at 6 / 24
+        q = (step - 0.5) / 24
+        assert lr == pytest.approx(rewarmed(3e-3 * lr_multiplier(q, cfg.schedule), q, 6 / 24, last, 0.5))
+    assert lrs[0] < 0.1 * 3e-3 * lr_multiplier(6.5 / 24, cfg.schedule)  # not the jump to ~0.8 of the peak
+    assert lrs[0] < lrs[1] < lrs[2]  # up the ramp (it ends at progress 0.75, step 18; the cosine is falling by then)
+    assert lrs[-1] < 0.05 * 3e-3
+
+    real_save = checkpoint_module.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):  # killed at its first checkpoint of the extension: step 12, inside the ramp
+        train(tiny_config(tmp_path / "b", corpus, **sections), ["--budget.steps", "24"], resume=True, extend=True, quiet=True)
+    monkeypatch.setattr(checkpoint_module, "save_checkpoint", real_save)
+    assert list_checkpoints(tmp_path / "b" / "run" / "checkpoints")[-1].name.endswith("12")
+    train(tiny_config(tmp_path / "b", corpus, **sections), ["--budget.steps", "24"], resume=True, extend=True, quiet=True)
+    assert metric_lrs(tmp_path / "b" / "run") == pytest.approx(metric_lrs(tmp_path / "a" / "run"), rel=1e-9)
 
 
 def test_a_damaged_checkpoint_is_skipped_naming_it(tmp_path, corpus, capsys):
