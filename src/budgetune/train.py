@@ -451,7 +451,7 @@ def _rewarm(state: dict, clock: BudgetClock, warmup: float, log) -> tuple[float,
     if "lr" not in state or state.get("budget") == asdict(clock.budget):
         return tuple(state["rewarm"]) if state.get("rewarm") else None
     if warmup > 0:
-        log(f"the budget grew: the LR re-warms from {state['lr']:.3g} over the next {100 * warmup:g}% of the budget")
+        log(f"a new budget ({clock.budget.describe()}): the LR re-warms from {state['lr']:.3g} over the next {100 * warmup:g}% of it")
     return clock.schedule_progress(), state["lr"]
 
 
