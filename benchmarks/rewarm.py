@@ -25,12 +25,9 @@ from pathlib import Path
 import yaml
 
 
-def steps_of(metrics: Path) -> list[dict]:
-    return [e for e in map(json.loads, metrics.read_text().splitlines()) if "event" not in e]
-
-
 def arm(kind: str, source: Path, tokens: int, out: Path) -> dict:
     from budgetune.checkpoint import list_checkpoints
+    from budgetune.metrics import read_metrics
     from budgetune.train import train
 
     cfg = yaml.safe_load((source / "config.yaml").read_text())
@@ -48,14 +45,13 @@ def arm(kind: str, source: Path, tokens: int, out: Path) -> dict:
         state_path = list_checkpoints(out / "checkpoints")[-1] / "state.json"
         state = json.loads(state_path.read_text())
         if "lr" not in state:  # saved before the LR was: the LR of its last step, from the metrics
-            state["lr"] = steps_of(out / "metrics.jsonl")[state["clock"]["steps"] - 1]["lr"]
+            state["lr"] = [e for e in read_metrics(out / "metrics.jsonl") if "event" not in e][state["clock"]["steps"] - 1]["lr"]
             state_path.write_text(json.dumps(state))
         if kind == "jump":
             cfg["schedule"]["warmup"] = 0.0  # no ramp (the extension is past the run's own warmup either way)
         cfg["output"]["overwrite"] = False
         summary = train(cfg, resume=True, extend=True, quiet=True)
-    evals = [(e["tokens"], round(e["eval_loss"], 4)) for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-             if e.get("event") == "eval"]
+    evals = [(e["tokens"], round(e["eval_loss"], 4)) for e in read_metrics(out / "metrics.jsonl") if e.get("event") == "eval"]
     return {"arm": kind, "tokens": summary["tokens"], "steps": summary["steps"], "eval_loss": summary["eval_loss_after"], "evals": evals}
 
 

@@ -12,6 +12,7 @@ import yaml
 from budgetune.checkpoint import damage, list_checkpoints, newest_intact
 from budgetune.config import load_config
 from budgetune.errors import BudgetuneError
+from budgetune.metrics import read_metrics
 from budgetune.rundir import RunDir
 from budgetune.schedules import lr_multiplier, rewarmed
 from budgetune.train import train
@@ -27,8 +28,9 @@ def corpus(tmp_path_factory):
     return write_text_corpus(tmp_path_factory.mktemp("corpus"))
 
 
-def metric_steps(run):
-    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if "event" not in json.loads(line)]
+def metric_steps(run, key="step"):
+    """`key` of every optimizer step in the run's metrics.jsonl."""
+    return [r[key] for r in read_metrics(run / "metrics.jsonl") if "event" not in r]
 
 
 def test_a_budget_that_buys_no_step_is_refused_before_training(tmp_path, corpus):
@@ -86,10 +88,6 @@ def test_resume_of_a_finished_run_needs_extend_and_a_larger_budget(tmp_path, cor
     assert summary["steps"] == 7 and metric_steps(tmp_path / "run") == list(range(1, 8))
 
 
-def metric_lrs(run):
-    return [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines() if "event" not in json.loads(line)]
-
-
 def test_an_extended_run_rewarms_its_lr_and_a_kill_keeps_the_ramp(tmp_path, corpus, monkeypatch):
     """A finished run (its LR annealed to ~0) extended onto a larger budget ramps the LR from where it stopped to the
     new schedule over schedule.warmup, instead of jumping near the peak; killed inside the ramp and resumed, it goes
@@ -98,10 +96,10 @@ def test_an_extended_run_rewarms_its_lr_and_a_kill_keeps_the_ramp(tmp_path, corp
     sections = {"budget": {"steps": 6}, "schedule": {"name": "cosine", "warmup": 0.5}, "checkpoint": {"every": 0.25}}
     for name in ("a", "b"):
         train(tiny_config(tmp_path / name, corpus, **sections), quiet=True)
-    last = metric_lrs(tmp_path / "a" / "run")[-1]
+    last = metric_steps(tmp_path / "a" / "run", "lr")[-1]
     assert last < 0.05 * 3e-3  # annealed
     train(tiny_config(tmp_path / "a", corpus, **sections), ["--budget.steps", "24"], resume=True, extend=True, quiet=True)
-    lrs = metric_lrs(tmp_path / "a" / "run")[6:]
+    lrs = metric_steps(tmp_path / "a" / "run", "lr")[6:]
     cfg = load_config(tiny_config(tmp_path / "a", corpus, **sections))
     for step, lr in enumerate(lrs, start=7):  # progress is steps / 24; the extension took up at 6 / 24
         q = (step - 0.5) / 24
@@ -122,7 +120,7 @@ def test_an_extended_run_rewarms_its_lr_and_a_kill_keeps_the_ramp(tmp_path, corp
     monkeypatch.setattr(checkpoint_module, "save_checkpoint", real_save)
     assert list_checkpoints(tmp_path / "b" / "run" / "checkpoints")[-1].name.endswith("12")
     train(tiny_config(tmp_path / "b", corpus, **sections), ["--budget.steps", "24"], resume=True, extend=True, quiet=True)
-    assert metric_lrs(tmp_path / "b" / "run") == pytest.approx(metric_lrs(tmp_path / "a" / "run"), rel=1e-9)
+    assert metric_steps(tmp_path / "b" / "run", "lr") == pytest.approx(metric_steps(tmp_path / "a" / "run", "lr"), rel=1e-9)
 
 
 def test_a_damaged_checkpoint_is_skipped_naming_it(tmp_path, corpus, capsys):
