@@ -3,6 +3,7 @@
     python benchmarks/tune.py [--tasks chat,pretrain,smollm2] [--seconds 300,600] [--seeds 0,1]
                               [--contestants defaults,tune,trl_padding_free,...] [--work DIR]
     python benchmarks/tune.py --modes --tasks chat --tokens 400k --seeds 0     # tune.mode: cooldown vs branch, equal tokens
+    python benchmarks/tune.py --table LOG [LOG ...]   # one table, with reach times, from earlier runs' stdout (oldest first)
 
 Tasks (every contestant gets the same model, seeded initial weights, tokenizer, tokenised data, held-out rows and
 wall-clock; held-out loss is `budgetune.evaluate.heldout_loss` on the same packed rows for everyone):
@@ -15,7 +16,8 @@ Contestants: `defaults` = `budgetune.train` with the task config and nothing els
 same config (tune.fraction 0.15); the peers of benchmarks/race.py (TRL `SFTTrainer` padding-free / packing, the
 transformers `Trainer`), run by race.py's own code at the same peak LR (3e-4, as in issue 12). For `tune` the script
 also reports when (command seconds) the winner's held-out loss first reached each peer's final loss, from the
-winner's periodic evals (the race's seconds included).
+winner's periodic evals (the race's seconds included), and the same for the defaults; `--table` does this across
+invocations, so contestants of one task may run at different times.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from budgetune.metrics import read_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runs import train_in_process  # noqa: E402
@@ -63,7 +67,7 @@ def tune_result(summary: dict) -> dict:
     """The row for a finished tune: its summary, and the final run's eval curve on the command's clock."""
     run, t = Path(summary["run_dir"]), summary["tune"]
     state = json.loads((run / "tune.json").read_text())
-    evals = [e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if e.get("event") == "eval"]
+    evals = [e for e in read_metrics(run / "metrics.jsonl") if e.get("event") == "eval"]
     if t["winner"] is None:  # nothing raced (the budget affords fewer than two candidates): one plain run, planned first
         curve = [(state["elapsed_s"] - summary["elapsed_s"] + e["seconds"], e["eval_loss"]) for e in evals]
         tokens, trials = summary["tokens"], []
@@ -97,9 +101,10 @@ def contest(work: Path, task: str, seconds: float, seed: int, kind: str, lr: flo
     budget = {"tokens": tokens} if tokens else {"time": f"{seconds}s"}
     if kind == "defaults":
         s = train_in_process({**cfg, "budget": budget, "output": {"dir": str(out), "overwrite": True}}, out)
+        curve = [(e["seconds"], e["eval_loss"]) for e in read_metrics(out / "metrics.jsonl") if e.get("event") == "eval"]
         return {"eval_loss": s["eval_loss_after"], "steps": s["steps"], "elapsed_s": s["elapsed_s"], "tokens": s["tokens"],
                 "tokens_per_s": s["train_tokens_per_s_median"], "tokens_per_step": s["recipe"]["batch_tokens"],
-                "lr": s["recipe"]["lr"]}
+                "lr": s["recipe"]["lr"], "curve": [*curve, (s["elapsed_s"], s["eval_loss_after"])]}
     if kind == "tune":
         return _own_process({"config": {**cfg, "budget": budget, "tune": extra or {}, "output": {"dir": str(out), "overwrite": True}}})
     # a peer: race.py's code; it reads the LR from optim.lr
@@ -125,7 +130,11 @@ def main() -> None:
     ap.add_argument("--modes", action="store_true", help="instead: tune with tune.mode cooldown against branch")
     ap.add_argument("--tokens", help="a token budget instead of --seconds (results independent of the machine's load)")
     ap.add_argument("--work", help="work folder (reuses its base model, data and caches)")
+    ap.add_argument("--table", nargs="+", metavar="LOG", help="instead: the table (with reach times) of earlier runs' stdout logs, oldest first")
     args = ap.parse_args()
+    if args.table:
+        print_table(read_rows(args.table), args.tokens)
+        return
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="budgetune-tune-"))
     rows = []
     for task in args.tasks.split(","):
@@ -147,27 +156,45 @@ def main() -> None:
                     rows.append({"task": task, "seconds": seconds, "seed": seed, "contestant": kind, **(extra or {}), **result})
                     print(json.dumps(rows[-1]), flush=True)
     print()
-    print("| task | T | seed | contestant | steps | tokens | held-out loss | notes |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        name = NAMES.get(r["contestant"], r["contestant"]) + (f" ({r['mode']})" if "mode" in r and args.modes else "")
+    print_table(rows, args.tokens)
+
+
+def read_rows(logs: list[str]) -> list[dict]:
+    """The rows earlier invocations printed (their stdout, one JSON object a line); a later row of the same
+    task, budget, seed and contestant replaces an earlier one, so list the logs oldest first."""
+    rows: dict[tuple, dict] = {}
+    for log in logs:
+        for line in Path(log).read_text().splitlines():
+            if line.startswith("{"):
+                r = json.loads(line)
+                rows[(r["task"], r["seconds"], r["seed"], r["contestant"], r.get("mode"))] = r
+    return list(rows.values())
+
+
+def print_table(rows: list[dict], tokens: str | None = None) -> None:
+    """The results as a markdown table; for `tune` and the defaults, when (seconds on the command's clock) their
+    periodic evals first reached each peer's final loss of the same task, budget and seed."""
+    print("| task | T | seed | contestant | steps | tokens | tokens/s | held-out loss | notes |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: (r["task"], r["seconds"], r["seed"])):
+        name = NAMES.get(r["contestant"], r["contestant"]) + (f", {r['mode']}" if "mode" in r else "")
         if "failed" in r:
-            print(f"| {r['task']} | {r['seconds']:.0f} s | {r['seed']} | {name} | failed: {r['failed']} | | | |")
+            print(f"| {r['task']} | {r['seconds']:.0f} s | {r['seed']} | {name} | failed: {r['failed']} | | | | |")
             continue
-        notes = ""
+        notes = []
         if r["contestant"] == "tune":
+            notes.append(f"winner {r['winner']} of {r['candidates']} (space {r['space']}); race {100 * r['race_share']:.0f}% of T"
+                         if r["winner"] else f"{r['why']} (space {r['space']})")
+        if "curve" in r:  # rows of the defaults from before they carried their curve have none
             peers = [p for p in rows if (p["task"], p["seconds"], p["seed"]) == (r["task"], r["seconds"], r["seed"])
                      and p["contestant"] not in ("tune", "defaults") and "failed" not in p]
             reach = [f"{NAMES[p['contestant']]} {p['eval_loss']:.3f} at "
                      + (f"{t:.0f} s ({t / r['seconds']:.2f}×)" if (t := first_reach(r["curve"], p["eval_loss"])) is not None else "never")
-                     for p in peers]
-            notes = ((f"winner {r['winner']} of {r['candidates']} (space {r['space']}); race {100 * r['race_share']:.0f}% of T"
-                      if r["winner"] else f"{r['why']} (space {r['space']})")
-                     + ("; reaches " + "; ".join(reach) if reach else ""))
-        budget = args.tokens + " tokens" if args.tokens else f"{r['seconds']:.0f} s"
-        print(f"| {r['task']} | {budget} | {r['seed']} | {name} | {r['steps']} | {r['tokens']:,.0f} | "
-              f"{r['eval_loss']:.3f} | {notes} |")
-
+                     for p in peers if r["seconds"]]
+            notes += ["reaches " + "; ".join(reach)] if reach else []
+        budget = tokens + " tokens" if tokens else f"{r['seconds']:.0f} s"
+        print(f"| {r['task']} | {budget} | {r['seed']} | {name} | {r['steps']} | {r['tokens']:,.0f} | {r['tokens_per_s']:,.0f} | "
+              f"{r['eval_loss']:.3f} | {'; '.join(notes)} |")
 
 if __name__ == "__main__":
     main()
