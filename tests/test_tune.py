@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from budgetune.config import load_config
+from budgetune.metrics import read_metrics
 from budgetune.rundir import RunDir
 from budgetune.tune import Race, _Clock, race_cost, rung_sizes, shrink_space, successive_halving
 from helpers import tiny_config, write_text_corpus
@@ -163,12 +164,15 @@ def _tune_config(tmp_path, corpus, **budget) -> dict:
 def test_tune_races_then_trains_the_winner_from_its_trial_state(tmp_path, corpus):
     import budgetune
 
-    summary = budgetune.tune(_tune_config(tmp_path, corpus, tokens=16_000), quiet=True)
+    cfg = _tune_config(tmp_path, corpus, tokens=16_000)
+    cfg["schedule"]["warmup"] = 0.0  # from scratch a winner with a warmup restarts (the next test)
+    summary = budgetune.tune(cfg, quiet=True)
     race = summary["tune"]
     run = tmp_path / "run"
     winner = next(t for t in race["trials"] if t["state"] == "winner")
     assert race["candidates"] >= 2 and race["winner"] == winner["label"]
     # the winner continued from its trial: its lineage's steps are part of the final run's
+    assert not race["winner_restarted"]
     assert summary["steps"] > winner["rungs"][-1]["steps"]
     # every token trained counts: the whole budget, race included
     assert race["tokens_including_race"] == pytest.approx(16_000, abs=2 * 256)
@@ -179,6 +183,25 @@ def test_tune_races_then_trains_the_winner_from_its_trial_state(tmp_path, corpus
     assert (run / "model" / "config.json").exists()
     page = (run / "report.html").read_text()
     assert "The race" in page and "id='race'" in page and winner["label"] in page
+
+
+@pytest.mark.slow
+def test_from_scratch_the_winner_restarts_on_what_the_race_left(tmp_path, corpus):
+    """A trial warms up over schedule.warmup of its own slice; from scratch that is too short to go on from, so the
+    winner's recipe trains afresh in the run folder on the budget the whole race (its own trial too) left."""
+    import budgetune
+
+    summary = budgetune.tune(_tune_config(tmp_path, corpus, tokens=16_000), quiet=True)
+    race, run = summary["tune"], tmp_path / "run"
+    winner = next(t for t in race["trials"] if t["state"] == "winner")
+    assert race["candidates"] >= 2 and race["winner_restarted"]
+    assert race["other_trials_tokens"] == race["race_tokens"]  # the winner's trial tokens are spent, not continued
+    assert summary["tokens"] == pytest.approx(16_000 - race["race_tokens"], abs=256)
+    assert race["tokens_including_race"] == pytest.approx(16_000, abs=2 * 256)
+    first = next(r for r in read_metrics(run / "metrics.jsonl") if "event" not in r)
+    assert first["step"] == 1 and first["lr"] < winner["lr"] / 2  # step 1 of its own warmup, not the trial's state
+    assert load_config(run / "config.yaml").optim.lr == pytest.approx(winner["lr"])
+    assert (run / "model" / "config.json").exists()
 
 
 @pytest.mark.slow
@@ -223,6 +246,7 @@ def _readings(run: Path) -> dict:
 def test_a_killed_race_resumes_without_rerunning_finished_trials_and_a_killed_winner_resumes(tmp_path, corpus):
     cfg = _tune_config(tmp_path, corpus, tokens=60_000)
     cfg["tune"]["min_steps"] = 3
+    cfg["schedule"]["warmup"] = 0.0  # the winner continues its trial's checkpoint (from scratch it would restart)
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     run = tmp_path / "run"

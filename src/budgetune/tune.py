@@ -26,8 +26,10 @@ raced two.
 
 The winner continues from its trial state into the run folder itself (its checkpoint is copied to RUN/checkpoints
 and `train --resume --extend` runs on what is left of the budget): same data order and optimizer state, the LR
-re-warmed from its trial's cooldown over schedule.warmup (from scratch, jumping straight back to the schedule cost
-0.31 in held-out loss at equal tokens; docs/benchmarks.md).
+re-warmed from its trial's cooldown over schedule.warmup (jumping straight back to the schedule cost 0.31 in held-out
+loss at equal tokens; docs/benchmarks.md). From scratch the winner restarts instead (`restarts`): its trial warmed up
+over schedule.warmup of a slice of a few dozen steps, one step or two, and a random init that starts that fast stays
+behind for good (the defaults with a one-step warmup ended 0.35 higher at 300 s).
 Trials use the batch the planner chose for the whole budget, so the continuation is the run the planner would have
 started. Tokens the other trials saw are counted in summary.json (`tune`).
 
@@ -188,6 +190,14 @@ DEFAULT_FRACTION = 0.15  # the race's share of the budget when `budgetune tune` 
 def race_fraction(cfg: Config) -> float:
     """The share of the budget the race spends."""
     return DEFAULT_FRACTION if cfg.tune.fraction is None else cfg.tune.fraction
+
+
+def restarts(cfg: Config) -> bool:
+    """Whether the race's winner trains afresh instead of continuing its trial: from scratch, with a warmup. A trial
+    warms up over schedule.warmup of its own slice — a step or two — and a random init trained that way stays behind a
+    run warmed up over the same share of the whole budget, re-warmed or not (pre-training at 300 s: the defaults with a
+    one-step warmup ended 0.35 above the defaults; docs/benchmarks.md). A pretrained model continues."""
+    return cfg.model.init == "scratch" and cfg.schedule.warmup > 0
 
 
 def claims(cfg: Config, extend: bool) -> bool:
@@ -582,13 +592,15 @@ class Race:
 
     # --- the winner --------------------------------------------------------------------------------------------
     def train_winner(self) -> dict:
-        """The winner continues from its trial state in the run folder, on what is left of the budget."""
+        """The winner continues from its trial state in the run folder, on what is left of the budget — or, from
+        scratch, starts afresh there (`restarts`)."""
         st = self.state
         w = st["trials"][st["winner"]]
         if "winner_config" not in st:
             source = self.dir.path / w["dir"]
             last = list_checkpoints(source / "checkpoints")[-1]
-            lineage = json.loads((last / "state.json").read_text())["clock"]
+            restart = restarts(self.cfg)
+            lineage = {"elapsed_s": 0.0, "tokens": 0, "steps": 0} if restart else json.loads((last / "state.json").read_text())["clock"]
             d = self._base_dict()
             _merge(d, copy.deepcopy(w["overrides"]))
             if st["mode"] == "branch" and "schedule.name" not in self.cfg.explicit:
@@ -601,7 +613,8 @@ class Race:
                 # (a race that overran on a machine far slower than planned still lets the winner finish its last step)
                 budget["time"] = round(lineage["elapsed_s"] + max(2.0, left), 3)
             own = {"tokens": lineage["tokens"], "steps": lineage["steps"]}
-            race_tokens = st["race_tokens"] - w["race_tokens"]  # what the other trials (and branches) consumed
+            # what the other trials (and branches) consumed; a restarted winner's own trial is spent as well
+            race_tokens = st["race_tokens"] - (0 if restart else w["race_tokens"])
             if budget.get("tokens") is not None:
                 budget["tokens"] = int(own["tokens"] + parse_count(budget["tokens"]) - st["race_tokens"])
             if budget.get("steps") is not None:
@@ -612,22 +625,29 @@ class Race:
             st["winner_config"] = d
             st["lineage_elapsed_s"] = lineage["elapsed_s"]  # the winner's clock when it left the race (its trial's time)
             st["other_trials_tokens"] = race_tokens
-            (self.dir.checkpoints).mkdir(parents=True, exist_ok=True)
-            target = self.dir.checkpoints / last.name
-            if not target.exists():  # copied aside, then renamed: a kill leaves the whole checkpoint or none
-                tmp = self.dir.checkpoints / f".tmp-{last.name}"
-                shutil.rmtree(tmp, ignore_errors=True)
-                shutil.copytree(last, tmp)
-                os.replace(tmp, target)
-            shutil.copyfile(source / "metrics.jsonl", self.dir.metrics)
-            if (source / "base").exists() and not self.dir.base.exists():  # an adapter's random-init base (scratch)
-                shutil.copytree(source / "base", self.dir.base)
-            dump_config(load_config(d), self.dir.config)
-            self._save()
-            self.log(f"training the winner: continuing {w['dir']} from its step {lineage['steps']} "
-                     f"({format_count(lineage['tokens'])} tokens, same data order and optimizer state) on "
-                     + (f"{format_duration(max(0.0, budget['time'] - lineage['elapsed_s']))} left of the budget"
-                        if st["unit"] == "seconds" else "what is left of the budget"))
+            st["restarted"] = restart
+            left_text = (f"{format_duration(max(0.0, budget['time'] - lineage['elapsed_s']))} left of the budget"
+                         if st["unit"] == "seconds" else "what is left of the budget")
+            if restart:  # train() finds no checkpoint in the run folder and starts afresh (a kill after its first resumes)
+                self._save()
+                self.log(f"training the winner afresh on {left_text}: from scratch its trial warmed up over "
+                         f"{self.cfg.schedule.warmup:.0%} of its own slice, and a random init stays behind after so short a "
+                         "warmup (docs/benchmarks.md)")
+            else:
+                (self.dir.checkpoints).mkdir(parents=True, exist_ok=True)
+                target = self.dir.checkpoints / last.name
+                if not target.exists():  # copied aside, then renamed: a kill leaves the whole checkpoint or none
+                    tmp = self.dir.checkpoints / f".tmp-{last.name}"
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    shutil.copytree(last, tmp)
+                    os.replace(tmp, target)
+                shutil.copyfile(source / "metrics.jsonl", self.dir.metrics)
+                if (source / "base").exists() and not self.dir.base.exists():  # an adapter's random-init base (scratch)
+                    shutil.copytree(source / "base", self.dir.base)
+                dump_config(load_config(d), self.dir.config)
+                self._save()
+                self.log(f"training the winner: continuing {w['dir']} from its step {lineage['steps']} "
+                         f"({format_count(lineage['tokens'])} tokens, same data order and optimizer state) on {left_text}")
         if self.dir.summary.exists():  # the winner finished before a kill: only the race's part of the summary is missing
             summary = json.loads(self.dir.summary.read_text())
         else:
@@ -673,6 +693,7 @@ class Race:
             "winner": st["trials"][st["winner"]]["label"], "why": st["why"],
             "race_spent": spent, "race_share": round(spent / st["budget"]["total"], 4),
             "race_tokens": st["race_tokens"], "other_trials_tokens": st["other_trials_tokens"],
+            "winner_restarted": st.get("restarted", False),
             "tokens_including_race": summary["tokens"] + st["other_trials_tokens"],
             "command_elapsed_s": round(elapsed, 3),
             "command_overshoot_s": round(elapsed - st["budget"]["time_s"], 3) if st["unit"] == "seconds" else None,
