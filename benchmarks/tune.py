@@ -4,6 +4,8 @@
                               [--contestants defaults,tune,trl_padding_free,...] [--work DIR]
     python benchmarks/tune.py --modes --tasks chat --tokens 400k --seeds 0     # tune.mode: cooldown vs branch, equal tokens
     python benchmarks/tune.py --table LOG [LOG ...]   # one table, with reach times, from earlier runs' stdout (oldest first)
+    python benchmarks/tune.py --tasks pretrain --seconds 300 --seeds 0 --contestants defaults --set schedule.warmup=0.001
+                                                      # budgetune's contestants with a config key pinned (peers unchanged)
 
 Tasks (every contestant gets the same model, seeded initial weights, tokenizer, tokenised data, held-out rows and
 wall-clock; held-out loss is `budgetune.evaluate.heldout_loss` on the same packed rows for everyone):
@@ -94,10 +96,14 @@ def _own_process(spec: dict) -> dict:
 
 
 def contest(work: Path, task: str, seconds: float, seed: int, kind: str, lr: float, extra: dict | None = None,
-            tokens: str | None = None) -> dict:
+            tokens: str | None = None, pins: list[str] = ()) -> dict:
     cfg = task_config(work, task, lr)
     cfg["train"] = {"seed": seed}
-    out = work / "runs" / (f"{task}-{tokens or int(seconds)}-{seed}-{kind}" + ("-" + "-".join(map(str, extra.values())) if extra else ""))
+    out = work / "runs" / (f"{task}-{tokens or int(seconds)}-{seed}-{kind}" + ("-" + "-".join(map(str, extra.values())) if extra else "")
+                           + "".join(f"-{pin}" for pin in pins))
+    if kind in ("defaults", "tune"):
+        for pin in pins:
+            pin_key(cfg, pin)
     budget = {"tokens": tokens} if tokens else {"time": f"{seconds}s"}
     if kind == "defaults":
         s = train_in_process({**cfg, "budget": budget, "output": {"dir": str(out), "overwrite": True}}, out)
@@ -110,6 +116,17 @@ def contest(work: Path, task: str, seconds: float, seed: int, kind: str, lr: flo
     # a peer: race.py's code; it reads the LR from optim.lr
     return in_process("peer", {"config": {**cfg, "optim": {"lr": lr}, "budget": budget, "output": {"dir": str(work / "unused")}},
                                "kind": kind, "seconds": seconds, "seed": seed})
+
+
+def pin_key(cfg: dict, pin: str) -> None:
+    """`section.key=value` (the value parsed as YAML) set in the config dict."""
+    import yaml
+
+    key, _, value = pin.partition("=")
+    *path, last = key.split(".")
+    for part in path:
+        cfg = cfg.setdefault(part, {})
+    cfg[last] = yaml.safe_load(value)
 
 
 def first_reach(curve: list, target: float) -> float | None:
@@ -130,6 +147,8 @@ def main() -> None:
     ap.add_argument("--modes", action="store_true", help="instead: tune with tune.mode cooldown against branch")
     ap.add_argument("--tokens", help="a token budget instead of --seconds (results independent of the machine's load)")
     ap.add_argument("--work", help="work folder (reuses its base model, data and caches)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="pin a config key for budgetune's contestants (defaults, tune); repeatable")
     ap.add_argument("--table", nargs="+", metavar="LOG", help="instead: the table (with reach times) of earlier runs' stdout logs, oldest first")
     args = ap.parse_args()
     if args.table:
@@ -150,10 +169,11 @@ def main() -> None:
                 variants = [("tune", {"mode": m}) for m in ("cooldown", "branch")] if args.modes else [(k, None) for k in kinds]
                 for kind, extra in variants:
                     try:
-                        result = contest(work, task, seconds, seed, kind, args.lr, extra, args.tokens)
+                        result = contest(work, task, seconds, seed, kind, args.lr, extra, args.tokens, args.set)
                     except RuntimeError as e:
                         result = {"failed": str(e).strip().splitlines()[-1][:300], "eval_loss": float("inf")}
-                    rows.append({"task": task, "seconds": seconds, "seed": seed, "contestant": kind, **(extra or {}), **result})
+                    pinned = {"set": ",".join(args.set)} if args.set and kind in ("defaults", "tune") else {}
+                    rows.append({"task": task, "seconds": seconds, "seed": seed, "contestant": kind, **(extra or {}), **pinned, **result})
                     print(json.dumps(rows[-1]), flush=True)
     print()
     print_table(rows, args.tokens)
@@ -167,7 +187,7 @@ def read_rows(logs: list[str]) -> list[dict]:
         for line in Path(log).read_text().splitlines():
             if line.startswith("{"):
                 r = json.loads(line)
-                rows[(r["task"], r["seconds"], r["seed"], r["contestant"], r.get("mode"))] = r
+                rows[(r["task"], r["seconds"], r["seed"], r["contestant"], r.get("mode"), r.get("set"))] = r
     return list(rows.values())
 
 
@@ -177,7 +197,7 @@ def print_table(rows: list[dict], tokens: str | None = None) -> None:
     print("| task | T | seed | contestant | steps | tokens | tokens/s | held-out loss | notes |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["task"], r["seconds"], r["seed"])):
-        name = NAMES.get(r["contestant"], r["contestant"]) + (f", {r['mode']}" if "mode" in r else "")
+        name = NAMES.get(r["contestant"], r["contestant"]) + (f", {r['mode']}" if "mode" in r else "") + (f", {r['set']}" if "set" in r else "")
         if "failed" in r:
             print(f"| {r['task']} | {r['seconds']:.0f} s | {r['seed']} | {name} | failed: {r['failed']} | | | | |")
             continue
