@@ -188,10 +188,13 @@ def test_tune_races_then_trains_the_winner_from_its_trial_state(tmp_path, corpus
 @pytest.mark.slow
 def test_from_scratch_the_winner_restarts_on_what_the_race_left(tmp_path, corpus):
     """A trial warms up over schedule.warmup of its own slice; from scratch that is too short to go on from, so the
-    winner's recipe trains afresh in the run folder on the budget the whole race (its own trial too) left."""
+    winner's recipe trains afresh in the run folder on the budget the whole race (its own trial too) left. An adapter's
+    random-init base goes with it (export needs it)."""
     import budgetune
 
-    summary = budgetune.tune(_tune_config(tmp_path, corpus, tokens=16_000), quiet=True)
+    cfg = _tune_config(tmp_path, corpus, tokens=16_000)
+    cfg["method"] = {"name": "lora", "r": 8}
+    summary = budgetune.tune(cfg, quiet=True)
     race, run = summary["tune"], tmp_path / "run"
     winner = next(t for t in race["trials"] if t["state"] == "winner")
     assert race["candidates"] >= 2 and race["winner_restarted"]
@@ -201,7 +204,7 @@ def test_from_scratch_the_winner_restarts_on_what_the_race_left(tmp_path, corpus
     first = next(r for r in read_metrics(run / "metrics.jsonl") if "event" not in r)
     assert first["step"] == 1 and first["lr"] < winner["lr"] / 2  # step 1 of its own warmup, not the trial's state
     assert load_config(run / "config.yaml").optim.lr == pytest.approx(winner["lr"])
-    assert (run / "model" / "config.json").exists()
+    assert (run / "model" / "adapter_config.json").exists() and (run / "base" / "config.json").exists()
 
 
 @pytest.mark.slow

@@ -628,6 +628,8 @@ class Race:
             st["restarted"] = restart
             left_text = (f"{format_duration(max(0.0, budget['time'] - lineage['elapsed_s']))} left of the budget"
                          if st["unit"] == "seconds" else "what is left of the budget")
+            if (source / "base").exists() and not self.dir.base.exists():  # an adapter's random-init base (scratch): the
+                shutil.copytree(source / "base", self.dir.base)                # same seeded init, whether it goes on or not
             if restart:  # train() finds no checkpoint in the run folder and starts afresh (a kill after its first resumes)
                 self._save()
                 self.log(f"training the winner afresh on {left_text}: from scratch its trial warmed up over "
@@ -642,8 +644,6 @@ class Race:
                     shutil.copytree(last, tmp)
                     os.replace(tmp, target)
                 shutil.copyfile(source / "metrics.jsonl", self.dir.metrics)
-                if (source / "base").exists() and not self.dir.base.exists():  # an adapter's random-init base (scratch)
-                    shutil.copytree(source / "base", self.dir.base)
                 dump_config(load_config(d), self.dir.config)
                 self._save()
                 self.log(f"training the winner: continuing {w['dir']} from its step {lineage['steps']} "
