@@ -630,12 +630,7 @@ class Race:
                          if st["unit"] == "seconds" else "what is left of the budget")
             if (source / "base").exists() and not self.dir.base.exists():  # an adapter's random-init base (scratch): the
                 shutil.copytree(source / "base", self.dir.base)                # same seeded init, whether it goes on or not
-            if restart:  # train() finds no checkpoint in the run folder and starts afresh (a kill after its first resumes)
-                self._save()
-                self.log(f"training the winner afresh on {left_text}: from scratch its trial warmed up over "
-                         f"{self.cfg.schedule.warmup:.0%} of its own slice, and a random init stays behind after so short a "
-                         "warmup (docs/benchmarks.md)")
-            else:
+            if not restart:  # (restarted, train() finds no checkpoint in the run folder and starts afresh)
                 (self.dir.checkpoints).mkdir(parents=True, exist_ok=True)
                 target = self.dir.checkpoints / last.name
                 if not target.exists():  # copied aside, then renamed: a kill leaves the whole checkpoint or none
@@ -645,9 +640,12 @@ class Race:
                     os.replace(tmp, target)
                 shutil.copyfile(source / "metrics.jsonl", self.dir.metrics)
                 dump_config(load_config(d), self.dir.config)
-                self._save()
-                self.log(f"training the winner: continuing {w['dir']} from its step {lineage['steps']} "
-                         f"({format_count(lineage['tokens'])} tokens, same data order and optimizer state) on {left_text}")
+            self._save()
+            self.log(f"training the winner afresh on {left_text}: from scratch its trial warmed up over "
+                     f"{self.cfg.schedule.warmup:.0%} of its own slice, and a random init stays behind after so short a "
+                     "warmup (docs/benchmarks.md)" if restart else
+                     f"training the winner: continuing {w['dir']} from its step {lineage['steps']} "
+                     f"({format_count(lineage['tokens'])} tokens, same data order and optimizer state) on {left_text}")
         if self.dir.summary.exists():  # the winner finished before a kill: only the race's part of the summary is missing
             summary = json.loads(self.dir.summary.read_text())
         else:
