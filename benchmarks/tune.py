@@ -215,6 +215,33 @@ def print_table(rows: list[dict], tokens: str | None = None) -> None:
         budget = tokens + " tokens" if tokens else f"{r['seconds']:.0f} s"
         print(f"| {r['task']} | {budget} | {r['seed']} | {name} | {r['steps']} | {r['tokens']:,.0f} | {r['tokens_per_s']:,.0f} | "
               f"{r['eval_loss']:.3f} | {'; '.join(notes)} |")
+    if not tokens:
+        print_half_budget(rows)
+
+
+def print_half_budget(rows: list[dict]) -> None:
+    """budgetune's contestants run with half the budget against the best peer run with the whole, same task and
+    seed. Budget-progress schedules anneal when their budget ends, so a run's own evals at T/2 understate what a
+    T/2 budget buys (and with a slow model there may be none: periodic evals cost at most 2% of the budget);
+    a run on budget T/2 that ends at or below the peer's loss at T is what "reaches it in 0.5 T" means for a user."""
+    ok = [r for r in rows if "failed" not in r]
+    lines = []
+    for r in ok:
+        if r["contestant"] not in ("tune", "defaults") or "set" in r or not r["seconds"]:
+            continue
+        peers = [p for p in ok if (p["task"], p["seed"]) == (r["task"], r["seed"]) and p["seconds"] == 2 * r["seconds"]
+                 and p["contestant"] not in ("tune", "defaults")]
+        if peers:
+            best = min(peers, key=lambda p: p["eval_loss"])
+            name = NAMES[r["contestant"]] + (f", {r['mode']}" if r.get("mode", "cooldown") != "cooldown" else "")
+            lines.append(f"| {r['task']} | {r['seed']} | {name} | {r['eval_loss']:.3f} | "
+                         f"{NAMES[best['contestant']]} | {best['eval_loss']:.3f} | {best['eval_loss'] - r['eval_loss']:+.3f} |")
+    if lines:
+        print()
+        print("| task | seed | budgetune at T/2 | held-out loss | best peer at T | held-out loss | T/2 run below it by |")
+        print("|---|---|---|---|---|---|---|")
+        print("\n".join(lines))
+
 
 if __name__ == "__main__":
     main()
