@@ -22,7 +22,8 @@ loop, with its checkpoints and resume rules. A trial that survives a rung contin
 The default is cooldown, by measurement (benchmarks/tune.py --modes, docs/benchmarks.md): on the 2-core CPU a trainer
 call costs ~1.5–2 s of set-up and evals beyond its steps, which branching pays twice per reading (trunk, then branch)
 plus the branch's tokens; at 300k tokens on the chat task branching could not afford two candidates where cooldown
-raced two.
+raced two. Where both race (chat, 1M tokens and 600 s) neither wins on every seed and budget; the one large win of
+branch came from its winner going on as WSD, which the plain defaults gain as well (`schedule.name: wsd`).
 
 The winner continues from its trial state into the run folder itself (its checkpoint is copied to RUN/checkpoints
 and `train --resume --extend` runs on what is left of the budget): same data order and optimizer state, the LR
