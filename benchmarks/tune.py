@@ -191,6 +191,12 @@ def read_rows(logs: list[str]) -> list[dict]:
     return list(rows.values())
 
 
+def peers_of(rows: list[dict], task: str, seconds: float, seed: int) -> list[dict]:
+    """The peers' finished rows of one task, budget and seed."""
+    return [p for p in rows if (p["task"], p["seconds"], p["seed"]) == (task, seconds, seed)
+            and p["contestant"] not in ("tune", "defaults") and "failed" not in p]
+
+
 def print_table(rows: list[dict], tokens: str | None = None) -> None:
     """The results as a markdown table; for `tune` and the defaults, when (seconds on the command's clock) their
     periodic evals first reached each peer's final loss of the same task, budget and seed."""
@@ -206,8 +212,7 @@ def print_table(rows: list[dict], tokens: str | None = None) -> None:
             notes.append(f"winner {r['winner']} of {r['candidates']} (space {r['space']}); race {100 * r['race_share']:.0f}% of T"
                          if r["winner"] else f"{r['why']} (space {r['space']})")
         if "curve" in r:  # rows of the defaults from before they carried their curve have none
-            peers = [p for p in rows if (p["task"], p["seconds"], p["seed"]) == (r["task"], r["seconds"], r["seed"])
-                     and p["contestant"] not in ("tune", "defaults") and "failed" not in p]
+            peers = peers_of(rows, r["task"], r["seconds"], r["seed"])
             reach = [f"{NAMES[p['contestant']]} {p['eval_loss']:.3f} at "
                      + (f"{t:.0f} s ({t / r['seconds']:.2f}×)" if (t := first_reach(r["curve"], p["eval_loss"])) is not None else "never")
                      for p in peers if r["seconds"]]
@@ -224,14 +229,11 @@ def print_half_budget(rows: list[dict]) -> None:
     seed. Budget-progress schedules anneal when their budget ends, so a run's own evals at T/2 understate what a
     T/2 budget buys (and with a slow model there may be none: periodic evals cost at most 2% of the budget);
     a run on budget T/2 that ends at or below the peer's loss at T is what "reaches it in 0.5 T" means for a user."""
-    ok = [r for r in rows if "failed" not in r]
     lines = []
-    for r in ok:
-        if r["contestant"] not in ("tune", "defaults") or "set" in r or not r["seconds"]:
+    for r in rows:
+        if r["contestant"] not in ("tune", "defaults") or "set" in r or "failed" in r or not r["seconds"]:
             continue
-        peers = [p for p in ok if (p["task"], p["seed"]) == (r["task"], r["seed"]) and p["seconds"] == 2 * r["seconds"]
-                 and p["contestant"] not in ("tune", "defaults")]
-        if peers:
+        if peers := peers_of(rows, r["task"], 2 * r["seconds"], r["seed"]):
             best = min(peers, key=lambda p: p["eval_loss"])
             name = NAMES[r["contestant"]] + (f", {r['mode']}" if r.get("mode", "cooldown") != "cooldown" else "")
             lines.append(f"| {r['task']} | {r['seed']} | {name} | {r['eval_loss']:.3f} | "
